@@ -1,0 +1,449 @@
+//! Table-driven tests of the per-request policy (`decide` and `respond`), natively.
+
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::json;
+use session_affinity::affinity;
+use session_affinity::config::Config;
+use session_affinity::decision::{decide, respond, Decision, Pending, Served, Verdict};
+use session_affinity::headers::Header;
+use session_affinity::hosts::{node_id, HostSet};
+use session_affinity::jws::{self, Alg, MacKey};
+use session_affinity::metrics::{Counter, NodeSlots, Outcome, Tally};
+use session_affinity::token::TokenError;
+
+const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const TICKET_KEY: &str = "nBYDAVya04QtPEYa03ebldmm+FIHyQfCwF2oLr3ILHc=";
+const NOW: i64 = 1_790_000_000;
+
+fn config(extra: serde_json::Value) -> Config {
+    let mut base = json!({
+        "token": {
+            "keys": [{"kid": "k1", "alg": "HS256", "secret_base64": KEY}],
+            "sources": [{"header": "x-session-token"}, {"cookie": "session_token"},
+                        {"header": "authorization", "prefix": "Bearer "}],
+        },
+        "ticket": {"secret_base64": TICKET_KEY},
+        "upstream": {"hosts": [{"address": "127.0.0.1:8001"}, {"address": "127.0.0.1:8002"},
+                               {"address": "127.0.0.1:8003"}, {"address": "127.0.0.1:8004"}]},
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    Config::parse(base.to_string().as_bytes(), &|_| None).unwrap()
+}
+
+fn hosts(cfg: &Config) -> HostSet {
+    match &cfg.hosts {
+        session_affinity::config::Hosts::Static(s) => s.clone(),
+        _ => panic!("static hosts expected"),
+    }
+}
+
+fn token(sid: &str, exp: i64) -> String {
+    let key = MacKey::new(Alg::HS256, &jws_key(KEY)).unwrap();
+    let payload = json!({"sid": sid, "exp": exp});
+    jws::sign(&key, br#"{"alg":"HS256","kid":"k1"}"#, payload.to_string().as_bytes())
+}
+
+fn ticket(sid: &str, node: u64) -> String {
+    let key = MacKey::new(Alg::HS256, &jws_key(TICKET_KEY)).unwrap();
+    let payload = json!({"sid": sid, "node": node_id(node), "iat": NOW, "exp": NOW + 100});
+    jws::sign(&key, br#"{"alg":"HS256","typ":"JWT"}"#, payload.to_string().as_bytes())
+}
+
+fn jws_key(b64: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+}
+
+fn run<'c>(cfg: &'c Config, set: &HostSet, headers: &[(&str, &str)], tally: &mut Tally) -> Decision<'c> {
+    let hs: Vec<Header<'_>> = headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())).collect();
+    let mut random = || Some([7u8; 16]);
+    decide(cfg, &hs, set, NOW, &mut random, tally)
+}
+
+fn forwarded<'a>(d: &'a Decision<'_>) -> (&'a [(&'a str, String)], &'a Pending) {
+    match &d.verdict {
+        Verdict::Forward { set, pending } => (set, pending),
+        Verdict::Reply(r) => panic!("expected forward, got {} {}", r.status, r.body),
+    }
+}
+
+fn header<'a>(set: &'a [(&str, String)], name: &str) -> Option<&'a str> {
+    set.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+}
+
+/// The expected override header: the head of the reference ranking.
+fn expected_override(set: &HostSet, sid: &str, n: usize) -> String {
+    let rank = set.rank(sid.as_bytes());
+    rank.iter().take(n).map(|i| set.hosts()[*i].address.as_str()).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn valid_token_routes_by_ranking_with_fallbacks() {
+    let cfg = config(json!({}));
+    let set = hosts(&cfg);
+    for i in 0..200 {
+        let sid = format!("conversation-{i}");
+        let mut tally = Tally::default();
+        let d = run(&cfg, &set, &[("x-session-token", &token(&sid, NOW + 60))], &mut tally);
+        let (hdrs, pending) = forwarded(&d);
+        assert_eq!(header(hdrs, "x-gateway-destination-endpoint").unwrap(), expected_override(&set, &sid, 3));
+        assert_eq!(header(hdrs, "x-session-id"), Some(sid.as_str()));
+        assert_eq!(header(hdrs, "x-session-affinity"), Some("new"));
+        assert_eq!(header(hdrs, "x-session-previous-node"), None);
+        assert_eq!(pending.session.as_deref(), Some(sid.as_str()));
+        assert_eq!(pending.primary.as_deref(), expected_override(&set, &sid, 1).split(',').next());
+        assert_eq!(tally.get(Counter::Requests), 1);
+        assert_eq!(tally.get(Counter::TokenValid), 1);
+        assert_eq!(tally.get(Counter::Outcome(Outcome::New)), 1);
+    }
+}
+
+#[test]
+fn fallbacks_count_is_respected() {
+    for (fallbacks, want) in [(0, 1), (1, 2), (3, 4), (10, 4)] {
+        let cfg = config(json!({"upstream": {"fallbacks": fallbacks, "hosts": [
+            {"address": "127.0.0.1:8001"}, {"address": "127.0.0.1:8002"},
+            {"address": "127.0.0.1:8003"}, {"address": "127.0.0.1:8004"}]}}));
+        let set = hosts(&cfg);
+        let d = run(&cfg, &set, &[("x-session-token", &token("s", NOW + 60))], &mut Tally::default());
+        let (hdrs, _) = forwarded(&d);
+        let v = header(hdrs, "x-gateway-destination-endpoint").unwrap();
+        assert_eq!(v.split(',').count(), want, "{v}");
+        assert_eq!(v, expected_override(&set, "s", want));
+    }
+}
+
+#[test]
+fn token_sources_in_order() {
+    let cfg = config(json!({}));
+    let set = hosts(&cfg);
+    let a = token("from-header", NOW + 60);
+    let b = token("from-cookie", NOW + 60);
+    let c = token("from-bearer", NOW + 60);
+    let cookie = format!("other=1; session_token={b}");
+    let bearer = format!("bearer {c}");
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("x-session-token", &a), ("cookie", &cookie), ("authorization", &bearer)], "from-header"),
+        (vec![("cookie", &cookie), ("authorization", &bearer)], "from-cookie"),
+        (vec![("authorization", &bearer)], "from-bearer"),
+        (vec![("authorization", "Basic abc"), ("cookie", &cookie)], "from-cookie"),
+    ];
+    for (hs, want) in cases {
+        let d = run(&cfg, &set, &hs, &mut Tally::default());
+        let (hdrs, _) = forwarded(&d);
+        assert_eq!(header(hdrs, "x-session-id"), Some(want));
+    }
+    // Duplicate token headers: the first wins.
+    let d = run(&cfg, &set, &[("x-session-token", &a), ("x-session-token", &b)], &mut Tally::default());
+    assert_eq!(header(forwarded(&d).0, "x-session-id"), Some("from-header"));
+}
+
+#[test]
+fn missing_token_per_action() {
+    // mint
+    let cfg = config(json!({"on_missing": "mint"}));
+    let set = hosts(&cfg);
+    let mut tally = Tally::default();
+    let d = run(&cfg, &set, &[], &mut tally);
+    let (hdrs, pending) = forwarded(&d);
+    let sid = header(hdrs, "x-session-id").unwrap();
+    assert_eq!(sid.len(), 22);
+    assert_eq!(header(hdrs, "x-session-affinity"), Some("new"));
+    let minted = pending.minted.as_deref().unwrap();
+    assert_eq!(cfg.validator.validate(minted.as_bytes(), NOW).unwrap().session, sid);
+    assert_eq!(tally.get(Counter::TokenMissing), 1);
+    assert_eq!(tally.get(Counter::TokenMinted), 1);
+    assert_eq!(tally.get(Counter::Outcome(Outcome::New)), 1);
+
+    // reject
+    let cfg = config(json!({"on_missing": "reject"}));
+    let mut tally = Tally::default();
+    let d = run(&cfg, &set, &[], &mut tally);
+    match d.verdict {
+        Verdict::Reply(r) => {
+            assert_eq!(r.status, 401);
+            assert_eq!(r.body, r#"{"error":"invalid_session_token","reason":"missing"}"#);
+            assert!(r.headers.contains(&("www-authenticate", r#"Bearer error="invalid_token""#.to_string())));
+            assert!(r.headers.contains(&("content-type", "application/json".to_string())));
+        }
+        _ => panic!("expected 401"),
+    }
+    assert_eq!(tally.get(Counter::Outcome(Outcome::Rejected)), 1);
+
+    // pass
+    let cfg = config(json!({"on_missing": "pass"}));
+    let mut tally = Tally::default();
+    let d = run(&cfg, &set, &[], &mut tally);
+    let (hdrs, pending) = forwarded(&d);
+    assert!(hdrs.is_empty());
+    assert_eq!(pending, &Pending::default());
+    assert_eq!(tally.get(Counter::Outcome(Outcome::Unaffined)), 1);
+}
+
+#[test]
+fn invalid_tokens_per_action() {
+    let cfg = config(json!({"on_invalid": "reject"}));
+    let set = hosts(&cfg);
+    let cases: Vec<(String, TokenError)> = vec![
+        ("x.y".into(), TokenError::Malformed),
+        ("a".repeat(5000), TokenError::Oversized),
+        (token("s", NOW - 100), TokenError::Expired),
+        (format!("{}x", token("s", NOW + 60)), TokenError::BadSignature),
+    ];
+    for (tok, reason) in cases {
+        let mut tally = Tally::default();
+        let d = run(&cfg, &set, &[("x-session-token", &tok)], &mut tally);
+        match d.verdict {
+            Verdict::Reply(r) => {
+                assert_eq!(r.status, 401);
+                assert_eq!(r.body, format!(r#"{{"error":"invalid_session_token","reason":"{}"}}"#, reason.reason()));
+                assert!(!r.body.contains(&tok[..3.min(tok.len())]) || tok.len() < 4);
+            }
+            _ => panic!("expected 401 for {reason}"),
+        }
+        assert_eq!(tally.get(Counter::TokenInvalid(reason)), 1);
+    }
+    let cfg = config(json!({"on_invalid": "mint"}));
+    let mut tally = Tally::default();
+    let d = run(&cfg, &set, &[("x-session-token", "garbage")], &mut tally);
+    let (_, pending) = forwarded(&d);
+    assert!(pending.minted.is_some());
+    assert_eq!(tally.get(Counter::TokenInvalid(TokenError::Malformed)), 1);
+    assert_eq!(tally.get(Counter::TokenMinted), 1);
+    let cfg = config(json!({"on_invalid": "pass"}));
+    let d = run(&cfg, &set, &[("x-session-token", "garbage")], &mut Tally::default());
+    assert!(forwarded(&d).0.is_empty());
+}
+
+#[test]
+fn spoofed_headers_are_stripped_in_every_spelling() {
+    let cfg = config(json!({"on_missing": "pass"}));
+    let set = hosts(&cfg);
+    let d = run(
+        &cfg,
+        &set,
+        &[
+            ("x-gateway-destination-endpoint", "10.9.9.9:1"),
+            ("x_gateway_destination_endpoint", "10.9.9.9:1"),
+            ("x-session-id", "victim"),
+            ("X_Session_Id", "victim"),
+            ("x-session-affinity", "sticky"),
+            ("x-session-previous-node", "abc"),
+            ("x-session-idx", "kept"),
+        ],
+        &mut Tally::default(),
+    );
+    assert_eq!(
+        d.remove,
+        vec![
+            "x-gateway-destination-endpoint",
+            "x_gateway_destination_endpoint",
+            "x-session-id",
+            "X_Session_Id",
+            "x-session-affinity",
+            "x-session-previous-node"
+        ]
+    );
+}
+
+#[test]
+fn tickets_sticky_moved_pinned_and_ignored() {
+    let sid = "conv-1";
+    for mode in ["pinned", "rendezvous"] {
+        let cfg = config(json!({"mode": mode}));
+        let set = hosts(&cfg);
+        let rank = set.rank(sid.as_bytes());
+        let top = set.hosts()[rank[0]].h64;
+        let other = set.hosts()[rank[2]].h64;
+        let tok = token(sid, NOW + 60);
+
+        // Ticket names the ranking's top: sticky in both modes.
+        let mut tally = Tally::default();
+        let t = ticket(sid, top);
+        let d = run(&cfg, &set, &[("x-session-token", &tok), ("x-session-ticket", &t)], &mut tally);
+        let (hdrs, pending) = forwarded(&d);
+        assert_eq!(header(hdrs, "x-session-affinity"), Some("sticky"), "{mode}");
+        assert_eq!(pending.ticket.unwrap().node, top);
+
+        // Ticket names another healthy node: pinned stays there, rendezvous moves.
+        let mut tally = Tally::default();
+        let t = ticket(sid, other);
+        let cookie = format!("sa_ticket={t}");
+        let d = run(&cfg, &set, &[("x-session-token", &tok), ("cookie", &cookie)], &mut tally);
+        let (hdrs, _) = forwarded(&d);
+        let ov = header(hdrs, "x-gateway-destination-endpoint").unwrap();
+        if mode == "pinned" {
+            assert_eq!(header(hdrs, "x-session-affinity"), Some("sticky"));
+            let want = [rank[2], rank[0], rank[1]].map(|i| set.hosts()[i].address.clone()).join(",");
+            assert_eq!(ov, want, "pinned node first, then the ranking without it");
+        } else {
+            assert_eq!(header(hdrs, "x-session-affinity"), Some("moved"));
+            assert_eq!(header(hdrs, "x-session-previous-node"), Some(node_id(other).as_str()));
+            assert_eq!(ov, expected_override(&set, sid, 3));
+            assert_eq!(tally.get(Counter::Outcome(Outcome::Moved)), 1);
+        }
+
+        // Ticket names a node that is gone: moved, in both modes, to the ranking.
+        let gone = affinity::h64(b"10.0.0.99:1");
+        let t = ticket(sid, gone);
+        let d = run(&cfg, &set, &[("x-session-token", &tok), ("x-session-ticket", &t)], &mut Tally::default());
+        let (hdrs, _) = forwarded(&d);
+        assert_eq!(header(hdrs, "x-session-affinity"), Some("moved"));
+        assert_eq!(header(hdrs, "x-session-previous-node"), Some(node_id(gone).as_str()));
+        assert_eq!(header(hdrs, "x-gateway-destination-endpoint").unwrap(), expected_override(&set, sid, 3));
+
+        // Another session's ticket, or a forged one: ignored and counted.
+        for bad in [ticket("someone-else", other), format!("{}A", ticket(sid, other)), "junk".into()] {
+            let mut tally = Tally::default();
+            let d = run(&cfg, &set, &[("x-session-token", &tok), ("x-session-ticket", &bad)], &mut tally);
+            let (hdrs, pending) = forwarded(&d);
+            assert_eq!(header(hdrs, "x-session-affinity"), Some("new"));
+            assert!(pending.ticket.is_none());
+            assert_eq!(tally.get(Counter::TicketIgnored), 1);
+        }
+    }
+}
+
+#[test]
+fn no_healthy_host_is_503() {
+    let cfg = config(json!({}));
+    let empty = HostSet::new(vec![]).unwrap();
+    let mut tally = Tally::default();
+    let d = run(&cfg, &empty, &[("x-session-token", &token("s", NOW + 60))], &mut tally);
+    match d.verdict {
+        Verdict::Reply(r) => {
+            assert_eq!(r.status, 503);
+            assert_eq!(r.body, r#"{"error":"no_healthy_upstream"}"#);
+        }
+        _ => panic!("expected 503"),
+    }
+    assert_eq!(tally.get(Counter::Outcome(Outcome::NoHost)), 1);
+    // Nothing is minted for a request that cannot be served.
+    let mut tally = Tally::default();
+    let _ = run(&cfg, &empty, &[], &mut tally);
+    assert_eq!(tally.get(Counter::TokenMinted), 0);
+    assert_eq!(tally.get(Counter::Outcome(Outcome::NoHost)), 1);
+}
+
+#[test]
+fn respond_issues_tickets_and_counts() {
+    let cfg = config(json!({}));
+    let mut set = hosts(&cfg);
+    let mut slots = NodeSlots::default();
+    set.assign_slots(&mut slots);
+    let sid = "conv-2";
+    let rank = set.rank(sid.as_bytes());
+    let primary = set.hosts()[rank[0]].clone();
+    let fallback = set.hosts()[rank[1]].clone();
+
+    // A new session served by its primary: a ticket naming the primary.
+    let pending =
+        Pending { session: Some(sid.into()), minted: None, ticket: None, primary: Some(primary.address.clone()) };
+    let mut tally = Tally::default();
+    let add = respond(
+        &cfg,
+        &pending,
+        Served { address: Some(&primary.address), status: Some(200) },
+        &set,
+        &mut slots,
+        NOW,
+        &mut tally,
+    );
+    let cookie = add.iter().find(|(n, _)| *n == "set-cookie").map(|(_, v)| v.clone()).unwrap();
+    assert!(cookie.starts_with("sa_ticket="));
+    assert!(cookie.ends_with("; Max-Age=86400; Path=/; HttpOnly; Secure; SameSite=Lax"));
+    let raw = add.iter().find(|(n, _)| *n == "x-session-ticket").map(|(_, v)| v.clone()).unwrap();
+    let t = cfg.ticket.as_ref().unwrap().tickets.verify(raw.as_bytes(), sid, NOW).unwrap();
+    assert_eq!(t.node, primary.h64);
+    assert!(!raw.contains(&primary.address));
+    assert_eq!(tally.get(Counter::ServedPrimary), 1);
+    assert_eq!(tally.get(Counter::TicketIssued), 1);
+    assert_eq!(tally.get_node(primary.slot), 1);
+
+    // Same node again with a fresh ticket: nothing to send.
+    let pending = Pending { ticket: Some(t), ..pending };
+    let mut tally = Tally::default();
+    let add = respond(
+        &cfg,
+        &pending,
+        Served { address: Some(&primary.address), status: Some(200) },
+        &set,
+        &mut slots,
+        NOW + 1,
+        &mut tally,
+    );
+    assert!(add.is_empty());
+    assert_eq!(tally.get(Counter::TicketIssued), 0);
+
+    // Served by a fallback after a retry: counted, and the ticket follows the node.
+    let mut tally = Tally::default();
+    let add = respond(
+        &cfg,
+        &pending,
+        Served { address: Some(&fallback.address), status: Some(200) },
+        &set,
+        &mut slots,
+        NOW + 1,
+        &mut tally,
+    );
+    assert_eq!(tally.get(Counter::ServedFallback), 1);
+    let raw = add.iter().find(|(n, _)| *n == "x-session-ticket").map(|(_, v)| v.clone()).unwrap();
+    assert_eq!(cfg.ticket.as_ref().unwrap().tickets.verify(raw.as_bytes(), sid, NOW).unwrap().node, fallback.h64);
+
+    // 5xx or no response: an upstream error, and no ticket.
+    for served in
+        [Served { address: Some(&primary.address), status: Some(503) }, Served { address: None, status: None }]
+    {
+        let mut tally = Tally::default();
+        let add =
+            respond(&cfg, &Pending { ticket: None, ..pending_of(sid) }, served, &set, &mut slots, NOW, &mut tally);
+        assert_eq!(tally.get(Counter::UpstreamErrors), 1);
+        assert!(add.iter().all(|(n, _)| *n != "x-session-ticket"));
+    }
+
+    // A minted session gets its token back as a cookie and a header.
+    let mut tally = Tally::default();
+    let pending = Pending { minted: Some("tok".into()), ..pending_of(sid) };
+    let add = respond(
+        &cfg,
+        &pending,
+        Served { address: Some(&primary.address), status: Some(200) },
+        &set,
+        &mut slots,
+        NOW,
+        &mut tally,
+    );
+    assert!(add
+        .contains(&("set-cookie", "session_token=tok; Max-Age=86400; Path=/; HttpOnly; Secure; SameSite=Lax".into())));
+    assert!(add.contains(&("x-session-token", "tok".into())));
+}
+
+fn pending_of(sid: &str) -> Pending {
+    Pending { session: Some(sid.into()), minted: None, ticket: None, primary: Some("127.0.0.1:8001".into()) }
+}
+
+#[test]
+fn weighted_hosts_follow_the_ranking() {
+    let cfg = config(json!({"upstream": {"hosts": [
+        {"address": "10.1.0.11:8000", "weight": 1}, {"address": "10.1.0.12:8000", "weight": 2},
+        {"address": "[2001:db8::1]:8080", "weight": 5}, {"address": "10.1.0.14:8000", "weight": 1, "key": "node-14"}]}}));
+    let set = hosts(&cfg);
+    let mut wins = std::collections::HashMap::new();
+    for i in 0..2000 {
+        let sid = format!("w-{i}");
+        let d = run(&cfg, &set, &[("x-session-token", &token(&sid, NOW + 60))], &mut Tally::default());
+        let v = header(forwarded(&d).0, "x-gateway-destination-endpoint").unwrap().to_string();
+        assert_eq!(v, expected_override(&set, &sid, 3));
+        *wins.entry(v.split(',').next().unwrap().to_string()).or_insert(0) += 1;
+    }
+    // weight 5 of 9 wins about 5/9 of sessions
+    let heavy = wins["[2001:db8::1]:8080"] as f64 / 2000.0;
+    assert!((heavy - 5.0 / 9.0).abs() < 0.05, "{heavy}");
+    // A custom key is hashed instead of the address.
+    let h = set.hosts().iter().find(|h| h.address == "10.1.0.14:8000").unwrap();
+    assert_eq!(h.h64, affinity::h64(b"node-14"));
+}

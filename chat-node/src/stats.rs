@@ -1,0 +1,73 @@
+//! Counters served by `GET /stats` (JSON), for tests and operators.
+//!
+//! Plain relaxed atomics: each counter is exact, a snapshot across counters is not.
+
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Process-wide counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests to `/v1/chat`.
+    pub chat_requests: AtomicU64,
+    /// Turns acknowledged (stored, then answered 200).
+    pub turns: AtomicU64,
+    /// Turns that found the conversation in memory.
+    pub memory_hits: AtomicU64,
+    /// Turns that loaded the conversation from Redis.
+    pub store_loads: AtomicU64,
+    /// Turns that started a conversation.
+    pub new_conversations: AtomicU64,
+    /// Requests marked `x-session-affinity: moved`.
+    pub moved: AtomicU64,
+    /// Requests refused with a 4xx.
+    pub bad_requests: AtomicU64,
+    /// Failed Redis attempts (connection errors, error replies, timeouts).
+    pub redis_errors: AtomicU64,
+    /// Redis attempts repeated after a failure.
+    pub redis_retries: AtomicU64,
+    /// Commands that failed after every retry (answered 503).
+    pub store_failures: AtomicU64,
+    /// Stored values that could not be decoded (answered 500).
+    pub store_corrupt: AtomicU64,
+    /// LLM calls that failed (answered 502).
+    pub llm_errors: AtomicU64,
+    /// Open client connections (gauge).
+    pub connections_open: AtomicU64,
+    /// Client connections accepted.
+    pub connections_total: AtomicU64,
+}
+
+impl Stats {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one to a counter.
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters as a JSON object; `cache_entries` is read by the caller.
+    pub fn to_json(&self, node_id: &str, cache_entries: usize) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "node": node_id,
+            "chat_requests": get(&self.chat_requests),
+            "turns": get(&self.turns),
+            "memory_hits": get(&self.memory_hits),
+            "store_loads": get(&self.store_loads),
+            "new_conversations": get(&self.new_conversations),
+            "moved": get(&self.moved),
+            "bad_requests": get(&self.bad_requests),
+            "redis_errors": get(&self.redis_errors),
+            "redis_retries": get(&self.redis_retries),
+            "store_failures": get(&self.store_failures),
+            "store_corrupt": get(&self.store_corrupt),
+            "llm_errors": get(&self.llm_errors),
+            "connections_open": get(&self.connections_open),
+            "connections_total": get(&self.connections_total),
+            "cache_entries": cache_entries,
+        })
+    }
+}

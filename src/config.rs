@@ -279,18 +279,16 @@ impl Config {
             Some(b'{') => {}
             Some(_) => return Err(ConfigError::new("", "configuration must be a JSON object")),
         }
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            // serde_json appends " at line L column C"; the path is more useful.
-            let msg = e.inner().to_string();
+        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| {
+            // serde_json reports where it failed (line and column), not which field: map
+            // the position back to the path of keys and indices that leads there.
+            let msg = e.to_string();
             let msg = match msg.rfind(" at line ") {
                 Some(i) => msg[..i].to_string(),
                 None => msg,
             };
-            ConfigError::new(path, msg)
+            ConfigError::new(json_path_at(bytes, e.line(), e.column()), msg)
         })?;
-        de.end().map_err(|_| ConfigError::new("", "trailing characters after the JSON object"))?;
         Config::try_from_raw(raw, env)
     }
 
@@ -500,6 +498,84 @@ impl Config {
     }
 }
 
+/// The path (`token.keys[1].alg`) of the JSON value at 1-based `line` and `column` of
+/// `text`, as serde_json reports error positions. Only used to word error messages, so it
+/// is lenient: a malformed document yields the path as far as it could follow.
+pub fn json_path_at(text: &[u8], line: usize, column: usize) -> String {
+    enum Frame {
+        Object { key: Option<String> },
+        Array { index: usize },
+    }
+    // Byte offset of (line, column).
+    let mut offset = 0usize;
+    let mut l = 1usize;
+    while l < line && offset < text.len() {
+        if text[offset] == b'\n' {
+            l += 1;
+        }
+        offset += 1;
+    }
+    let end = offset.saturating_add(column).min(text.len());
+
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut expect_key = false;
+    let mut i = 0usize;
+    while i < end {
+        match text[i] {
+            b'{' => {
+                stack.push(Frame::Object { key: None });
+                expect_key = true;
+            }
+            b'[' => stack.push(Frame::Array { index: 0 }),
+            b'}' | b']' => {
+                stack.pop();
+                expect_key = false;
+            }
+            b',' => match stack.last_mut() {
+                Some(Frame::Object { key }) => {
+                    *key = None;
+                    expect_key = true;
+                }
+                Some(Frame::Array { index }) => *index += 1,
+                None => {}
+            },
+            b':' => expect_key = false,
+            b'"' => {
+                let start = i + 1;
+                let mut j = start;
+                while j < text.len() && text[j] != b'"' {
+                    j += if text[j] == b'\\' { 2 } else { 1 };
+                }
+                if let (true, Some(Frame::Object { key })) = (expect_key, stack.last_mut()) {
+                    *key = Some(String::from_utf8_lossy(text.get(start..j).unwrap_or_default()).into_owned());
+                }
+                i = j + 1;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    let mut path = String::new();
+    for frame in &stack {
+        match frame {
+            Frame::Object { key: Some(k) } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+            }
+            Frame::Object { key: None } => {}
+            Frame::Array { index } => {
+                path.push('[');
+                path.push_str(&index.to_string());
+                path.push(']');
+            }
+        }
+    }
+    path
+}
+
 fn static_hosts(list: Vec<RawHost>) -> Result<HostSet, ConfigError> {
     if list.is_empty() {
         return Err(ConfigError::new("upstream.hosts", "must list at least one host"));
@@ -630,7 +706,9 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases: Vec<(String, &str)> = vec![
-            (minimal(r#","bogus":1"#), "unknown field `bogus`"),
+            (minimal(r#","bogus":1"#), "bogus: unknown field `bogus`"),
+            (minimal(r#","ticket":{"secret_base64":"x","cokie":"a"}"#), "ticket.cokie: unknown field `cokie`"),
+            (minimal(r#","upstream":{"hosts":[{"address":"1.2.3.4:1"},{"adress":"x"}]}"#), "upstream: duplicate field"),
             (minimal(r#","mode":"sticky""#), "mode: unknown variant `sticky`"),
             (minimal(r#","on_missing":"allow""#), "on_missing: unknown variant"),
             (minimal(r#","ticket":{"secret_base64":"AAAA"}"#), "ticket.secret_base64: ticket secret is 3 bytes"),
@@ -702,7 +780,17 @@ mod tests {
                 ),
                 "token.keys[1].kid: duplicate kid",
             ),
-            (minimal(r#","upstream":1"#), "duplicate field `upstream`"),
+            (minimal(r#","upstream":1"#), "upstream: duplicate field `upstream`"),
+            (minimal(r#","token":{"keys":[{"alg":"HS256","secret_base64":7}]}"#), "token: duplicate field"),
+            (
+                "{\"token\":{\"keys\":[{\"kid\":\"a\",\n \"alg\":\"HS256\",\"secret_base64\":7}]}}".to_string(),
+                "token.keys[0].secret_base64: invalid type: integer `7`, expected a string",
+            ),
+            (
+                r#"{"upstream":{"hosts":[{"address":"1.2.3.4:1"},{"address":"1.2.3.4:2","wieght":2}]},"token":{"keys":[]}}"#.to_string(),
+                "upstream.hosts[1].wieght: unknown field `wieght`",
+            ),
+            (r#"{"token":{"keys":[]},"upstream":{"hosts":[]},"on_missing":"mint""#.to_string(), "EOF while parsing"),
             (String::new(), "configuration is empty"),
             ("[]".to_string(), "configuration must be a JSON object"),
             (r#"{"upstream":{"hosts":[{"address":"1.2.3.4:1"}]}}"#.to_string(), "missing field `token`"),

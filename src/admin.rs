@@ -21,6 +21,22 @@ use crate::hosts::{self, HostSpec};
 /// Bodies larger than this are refused (an admin listing of ~20k hosts fits).
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
+/// Tick and poll interval, in milliseconds, until discovery has seen a healthy host.
+pub const STARTUP_POLL_MS: u64 = 50;
+
+/// True when a discovery poll should start at `now_ms` (none being in flight).
+///
+/// Until a poll has shown at least one healthy host, every tick polls: at startup the
+/// first polls usually run before Envoy's first health-check round has passed, so they
+/// answer an empty set, and while the set is empty every request is a 503. Waiting
+/// `refresh_ms` for the next poll would keep a freshly started proxy refusing all
+/// traffic for that long after Envoy itself is ready. Once a healthy host has been seen,
+/// polls follow `next_poll_ms` (one `refresh_ms` after the previous one), even when
+/// every host later goes down: an outage does not turn into fast admin polling.
+pub fn poll_due(now_ms: u64, next_poll_ms: u64, seen_healthy: bool) -> bool {
+    !seen_healthy || now_ms >= next_poll_ms
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AdminError {
     TooLarge(usize),
@@ -171,6 +187,22 @@ mod tests {
         let hosts = healthy_hosts(body.as_bytes(), "c").unwrap();
         assert_eq!(hosts.len(), 1);
         assert_eq!(hosts[0].address, "10.0.0.2:1");
+    }
+
+    #[test]
+    fn polls_every_tick_until_a_healthy_host_is_seen() {
+        // (now, next poll, seen a healthy host) -> due
+        for (now, next, seen, due) in [
+            (0, 0, false, true),
+            (10, 500, false, true),
+            (499, 500, false, true),
+            (10, 500, true, false),
+            (499, 500, true, false),
+            (500, 500, true, true),
+            (900, 500, true, true),
+        ] {
+            assert_eq!(poll_due(now, next, seen), due, "now={now} next={next} seen={seen}");
+        }
     }
 
     #[test]

@@ -16,9 +16,10 @@ use crate::config::{
 };
 use crate::headers::{self, Header};
 use crate::hosts::{self, HostSet};
+use crate::memo::{Memos, TokenFacts};
 use crate::metrics::{Counter, NodeSlots, Outcome, Tally};
 use crate::ticket::Ticket;
-use crate::token;
+use crate::token::{self, TokenError};
 
 /// What to do with a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -55,10 +56,27 @@ pub struct Pending {
     pub ticket: Option<Ticket>,
     /// Address of the chosen node (first entry of the override header).
     pub primary: Option<String>,
+    /// The chosen node's `h64` and counter slot, so the usual response (served by the
+    /// primary) needs no host-set lookup.
+    pub primary_node: Option<(u64, usize)>,
 }
 
 /// Rejection reason for a missing token under `reject`.
 pub const MISSING: &str = "missing";
+
+/// The per-VM state a decision reads and updates besides its arguments: counts not yet
+/// flushed, and the memo of recent successful checks.
+#[derive(Debug)]
+pub struct Scratch {
+    pub tally: Tally,
+    pub memos: Memos,
+}
+
+impl Scratch {
+    pub fn new(seed: u64) -> Scratch {
+        Scratch { tally: Tally::default(), memos: Memos::new(seed) }
+    }
+}
 
 /// Decides a request. `random` is asked for 16 bytes only when a session is minted.
 pub fn decide<'c>(
@@ -67,12 +85,29 @@ pub fn decide<'c>(
     hosts: &HostSet,
     now: i64,
     random: &mut dyn FnMut() -> Option<[u8; 16]>,
-    tally: &mut Tally,
+    scratch: &mut Scratch,
 ) -> Decision<'c> {
-    tally.add(Counter::Requests);
+    scratch.tally.add(Counter::Requests);
     let remove = spoofed(cfg, request);
-    let verdict = verdict(cfg, request, hosts, now, random, tally);
+    let verdict = verdict(cfg, request, hosts, now, random, scratch);
     Decision { remove, verdict }
+}
+
+/// Validates a token, through the memo (see [`crate::memo`]).
+pub fn check_token(cfg: &Config, raw: &[u8], now: i64, scratch: &mut Scratch) -> Result<TokenFacts, TokenError> {
+    if let Some(facts) = scratch.memos.tokens.get(raw) {
+        facts.check_time(now, cfg.validator.leeway_seconds)?;
+        return Ok(facts.clone());
+    }
+    let valid = cfg.validator.validate(raw, now)?;
+    let facts = TokenFacts {
+        session_h64: affinity::h64(valid.session.as_bytes()),
+        session: valid.session,
+        exp: valid.exp,
+        nbf: valid.nbf,
+    };
+    scratch.memos.tokens.put(raw, facts.clone());
+    Ok(facts)
 }
 
 fn verdict<'c>(
@@ -81,25 +116,26 @@ fn verdict<'c>(
     hosts: &HostSet,
     now: i64,
     random: &mut dyn FnMut() -> Option<[u8; 16]>,
-    tally: &mut Tally,
+    scratch: &mut Scratch,
 ) -> Verdict<'c> {
     // Step 2-3: the session token.
     let (action, reason) = match find_token(cfg, request) {
         None => {
-            tally.add(Counter::TokenMissing);
+            scratch.tally.add(Counter::TokenMissing);
             (cfg.on_missing, MISSING)
         }
-        Some(raw) => match cfg.validator.validate(raw, now) {
-            Ok(valid) => {
-                tally.add(Counter::TokenValid);
-                return affined(cfg, request, hosts, now, valid.session, None, tally);
+        Some(raw) => match check_token(cfg, raw, now, scratch) {
+            Ok(facts) => {
+                scratch.tally.add(Counter::TokenValid);
+                return affined(cfg, request, hosts, now, facts.session, facts.session_h64, None, scratch);
             }
             Err(e) => {
-                tally.add(Counter::TokenInvalid(e));
+                scratch.tally.add(Counter::TokenInvalid(e));
                 (cfg.on_invalid, e.reason())
             }
         },
     };
+    let tally = &mut scratch.tally;
     match action {
         Action::Reject => {
             tally.add(Counter::Outcome(Outcome::Rejected));
@@ -122,7 +158,8 @@ fn verdict<'c>(
             match minted {
                 Some((session, tok)) => {
                     tally.add(Counter::TokenMinted);
-                    affined(cfg, request, hosts, now, session, Some(tok), tally)
+                    let h = affinity::h64(session.as_bytes());
+                    affined(cfg, request, hosts, now, session, h, Some(tok), scratch)
                 }
                 None => {
                     tally.add(Counter::Outcome(Outcome::Rejected));
@@ -134,24 +171,34 @@ fn verdict<'c>(
 }
 
 /// Steps 4-6 for a request that has a session.
+#[allow(clippy::too_many_arguments)]
 fn affined<'c>(
     cfg: &'c Config,
     request: &[Header<'_>],
     hosts: &HostSet,
     now: i64,
     session: String,
+    session_h64: u64,
     minted: Option<String>,
-    tally: &mut Tally,
+    scratch: &mut Scratch,
 ) -> Verdict<'c> {
     // Step 4: the ticket, only for a session that existed before this request.
     let ticket = match (&cfg.ticket, &minted) {
         (Some(tc), None) => {
             let raw = headers::first(request, TICKET_HEADER).or_else(|| headers::cookie(request, &tc.cookie));
-            match raw {
+            match raw.map(headers::trim) {
                 Some(raw) => {
-                    let t = tc.tickets.verify(headers::trim(raw), &session, now);
+                    let memo = match scratch.memos.tickets.get(raw) {
+                        Some((sid, t)) if *sid == session && now < t.exp => Some(*t),
+                        _ => None,
+                    };
+                    let t = memo.or_else(|| {
+                        let t = tc.tickets.verify(raw, &session, now)?;
+                        scratch.memos.tickets.put(raw, (session.clone(), t));
+                        Some(t)
+                    });
                     if t.is_none() {
-                        tally.add(Counter::TicketIgnored);
+                        scratch.tally.add(Counter::TicketIgnored);
                     }
                     t
                 }
@@ -160,6 +207,7 @@ fn affined<'c>(
         }
         _ => None,
     };
+    let tally = &mut scratch.tally;
 
     if hosts.is_empty() {
         tally.add(Counter::Outcome(Outcome::NoHost));
@@ -168,7 +216,6 @@ fn affined<'c>(
 
     // Step 5: choose the node and its fallbacks.
     let want = (1 + cfg.fallbacks).min(hosts.len());
-    let session_h64 = affinity::h64(session.as_bytes());
     let pinned = match (cfg.mode, ticket) {
         (Mode::Pinned, Some(t)) => hosts.by_node(t.node),
         _ => None,
@@ -215,7 +262,13 @@ fn affined<'c>(
     }
     Verdict::Forward {
         set,
-        pending: Pending { session: Some(session), minted, ticket, primary: Some(chosen.address.clone()) },
+        pending: Pending {
+            session: Some(session),
+            minted,
+            ticket,
+            primary: Some(chosen.address.clone()),
+            primary_node: Some((chosen.h64, chosen.slot)),
+        },
     }
 }
 
@@ -300,19 +353,20 @@ pub fn respond(
     if failed {
         tally.add(Counter::UpstreamErrors);
     }
-    let host = served.address.and_then(|a| hosts.by_address(a).and_then(|i| hosts.hosts().get(i)));
-    if let Some(addr) = served.address {
-        let slot = match host {
-            Some(h) => h.slot,
-            None => slots.slot(&hosts::metric_label(addr)),
-        };
+    let on_primary = served.address.is_some() && served.address == pending.primary.as_deref();
+    // (h64, counter slot) of the node that served.
+    let node = match (served.address, pending.primary_node) {
+        (Some(_), Some(p)) if on_primary => Some(p),
+        (Some(addr), _) => Some(match hosts.by_address(addr).and_then(|i| hosts.hosts().get(i)) {
+            Some(h) => (h.h64, h.slot),
+            None => (affinity::h64(addr.as_bytes()), slots.slot(&hosts::metric_label(addr))),
+        }),
+        (None, _) => None,
+    };
+    if let Some((_, slot)) = node {
         tally.add_node(slot);
         if pending.primary.is_some() {
-            tally.add(if pending.primary.as_deref() == Some(addr) {
-                Counter::ServedPrimary
-            } else {
-                Counter::ServedFallback
-            });
+            tally.add(if on_primary { Counter::ServedPrimary } else { Counter::ServedFallback });
         }
     }
     let Some(session) = &pending.session else { return add };
@@ -320,8 +374,7 @@ pub fn respond(
         add.push(("set-cookie", cookie(&cfg.mint_cookie, tok, cfg.mint_ttl_seconds)));
         add.push((TOKEN_HEADER, tok.clone()));
     }
-    if let (Some(tc), Some(addr), false) = (&cfg.ticket, served.address, failed) {
-        let node = host.map_or_else(|| affinity::h64(addr.as_bytes()), |h| h.h64);
+    if let (Some(tc), Some((node, _)), false) = (&cfg.ticket, node, failed) {
         let fresh = match &pending.ticket {
             Some(t) => t.node != node || tc.tickets.needs_refresh(t, now),
             None => true,

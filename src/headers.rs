@@ -71,18 +71,25 @@ pub fn cookie<'a>(headers: &[Header<'a>], name: &str) -> Option<&'a [u8]> {
 }
 
 fn cookie_in<'a>(header: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
-    header.split(|b| *b == b';').find_map(|pair| {
+    // One pass over `name=value` pairs separated by `;`. Most pairs are rejected by their
+    // first bytes, so this costs little more than finding the separators.
+    let mut rest = header;
+    loop {
+        let (pair, next) = match rest.iter().position(|b| *b == b';') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+            None => (rest, None),
+        };
         let pair = trim(pair);
-        let eq = pair.iter().position(|b| *b == b'=')?;
-        let (k, v) = (trim(&pair[..eq]), trim(&pair[eq + 1..]));
-        if k != name {
-            return None;
+        if let Some(after) = pair.strip_prefix(name) {
+            if let [b'=', value @ ..] = trim(after) {
+                return Some(match trim(value) {
+                    [b'"', inner @ .., b'"'] => inner,
+                    v => v,
+                });
+            }
         }
-        Some(match v {
-            [b'"', inner @ .., b'"'] => inner,
-            v => v,
-        })
-    })
+        rest = next?;
+    }
 }
 
 /// Removes optional whitespace (SP and HTAB) around a value.

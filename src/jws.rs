@@ -19,8 +19,9 @@ use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, NO_PAD};
 use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
-use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+
+use serde::de::{Deserialize, DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use sha2::{Sha256, Sha384, Sha512};
 
 /// The HMAC algorithms of RFC 7518 section 3.2.
@@ -112,39 +113,139 @@ impl MacKey {
     }
 }
 
-/// A JSON object with no repeated member name.
-#[derive(Debug)]
-pub struct Object(pub Map<String, Value>);
+/// A JSON member value, as far as token and ticket checks care.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Claim<'a> {
+    /// Any JSON number.
+    Num(f64),
+    Str(Cow<'a, str>),
+    /// An array; its string elements (others are dropped, and `all_strings` is false).
+    Arr {
+        strings: Vec<Cow<'a, str>>,
+        all_strings: bool,
+    },
+    /// `null`, a boolean or an object.
+    Other,
+}
 
-impl<'de> Deserialize<'de> for Object {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Object, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Object;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Object, A::Error> {
-                let mut map = Map::new();
-                while let Some(k) = a.next_key::<String>()? {
-                    if map.contains_key(&k) {
-                        return Err(A::Error::custom("duplicate member"));
-                    }
-                    let v: Value = a.next_value()?;
-                    map.insert(k, v);
-                }
-                Ok(Object(map))
-            }
+impl Claim<'_> {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Claim::Str(s) => Some(s),
+            _ => None,
         }
-        d.deserialize_map(V)
+    }
+
+    /// A finite number.
+    pub fn as_num(&self) -> Option<f64> {
+        match self {
+            Claim::Num(n) if n.is_finite() => Some(*n),
+            _ => None,
+        }
     }
 }
 
-/// A compact JWS split and decoded, signature not yet checked.
+impl<'de> Deserialize<'de> for Claim<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Claim<'de>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Claim<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Claim<'de>, E> {
+                Ok(Claim::Num(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Claim<'de>, E> {
+                Ok(Claim::Num(v as f64))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Claim<'de>, E> {
+                Ok(Claim::Num(v))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Claim<'de>, E> {
+                Ok(Claim::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Claim<'de>, E> {
+                Ok(Claim::Str(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Claim<'de>, E> {
+                Ok(Claim::Str(Cow::Owned(v)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Claim<'de>, E> {
+                Ok(Claim::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Claim<'de>, E> {
+                Ok(Claim::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Claim<'de>, A::Error> {
+                let mut strings = Vec::new();
+                let mut all_strings = true;
+                while let Some(c) = a.next_element::<Claim<'de>>()? {
+                    match c {
+                        Claim::Str(s) => strings.push(s),
+                        _ => all_strings = false,
+                    }
+                }
+                Ok(Claim::Arr { strings, all_strings })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Claim<'de>, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Claim::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Reads the members `names` of a JSON object, skipping the others without building
+/// them. `None` when `json` is not one JSON object or repeats a member name (any name:
+/// `{"sid":"a","sid":"b"}` is refused, not read as either).
+pub fn members<'a, const N: usize>(json: &'a [u8], names: [&str; N]) -> Option<[Option<Claim<'a>>; N]> {
+    struct Seed<'n, const N: usize> {
+        names: [&'n str; N],
+    }
+    impl<'de, const N: usize> DeserializeSeed<'de> for Seed<'_, N> {
+        type Value = [Option<Claim<'de>>; N];
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de, const N: usize> Visitor<'de> for Seed<'_, N> {
+        type Value = [Option<Claim<'de>>; N];
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            let mut out: [Option<Claim<'de>>; N] = std::array::from_fn(|_| None);
+            let mut seen: Vec<Cow<'de, str>> = Vec::with_capacity(8);
+            while let Some(key) = a.next_key::<Cow<'de, str>>()? {
+                if seen.contains(&key) {
+                    return Err(A::Error::custom("duplicate member"));
+                }
+                match self.names.iter().position(|n| *n == key) {
+                    Some(i) => out[i] = Some(a.next_value::<Claim<'de>>()?),
+                    None => {
+                        a.next_value::<IgnoredAny>()?;
+                    }
+                }
+                seen.push(key);
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let out = Seed { names }.deserialize(&mut de).ok()?;
+    de.end().ok()?;
+    Some(out)
+}
+
+/// A compact JWS split and base64-decoded, nothing checked beyond the encoding.
 #[derive(Debug)]
 pub struct Parts<'a> {
-    pub header: Map<String, Value>,
-    pub payload: Map<String, Value>,
+    /// Decoded header JSON.
+    pub header: Vec<u8>,
+    /// Decoded payload JSON.
+    pub payload: Vec<u8>,
     /// `b64(header).b64(payload)`: the bytes the MAC covers.
     pub signing_input: &'a [u8],
     pub signature: Vec<u8>,
@@ -162,20 +263,70 @@ pub fn b64_encode(bytes: &[u8]) -> String {
     B64.encode(bytes)
 }
 
-/// Splits and decodes a compact JWS. `None` means malformed.
+/// Splits a compact JWS into its three decoded segments. `None` means malformed.
 pub fn split(token: &[u8]) -> Option<Parts<'_>> {
-    let mut dots = token.iter().enumerate().filter(|(_, b)| **b == b'.').map(|(i, _)| i);
-    let first = dots.next()?;
-    let second = dots.next()?;
-    if dots.next().is_some() {
+    let first = token.iter().position(|b| *b == b'.')?;
+    let rest = token.get(first + 1..)?;
+    let second = first + 1 + rest.iter().position(|b| *b == b'.')?;
+    let tail = token.get(second + 1..)?;
+    if tail.contains(&b'.') {
         return None;
     }
-    let header = b64_decode(token.get(..first)?)?;
-    let payload = b64_decode(token.get(first + 1..second)?)?;
-    let signature = b64_decode(token.get(second + 1..)?)?;
-    let header: Object = serde_json::from_slice(&header).ok()?;
-    let payload: Object = serde_json::from_slice(&payload).ok()?;
-    Some(Parts { header: header.0, payload: payload.0, signing_input: token.get(..second)?, signature })
+    Some(Parts {
+        header: b64_decode(token.get(..first)?)?,
+        payload: b64_decode(token.get(first + 1..second)?)?,
+        signing_input: token.get(..second)?,
+        signature: b64_decode(tail)?,
+    })
+}
+
+/// Appends `s` to `out` as a JSON string literal (quotes and escapes included).
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                let b = c as u32 as usize;
+                out.push_str("\\u00");
+                out.push(HEX[b >> 4] as char);
+                out.push(HEX[b & 15] as char);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Writes a small JSON object of string and integer members, in the given order.
+pub fn json_object(members: &[(&str, JsonValue<'_>)]) -> String {
+    let mut out = String::with_capacity(64);
+    out.push('{');
+    for (i, (k, v)) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_str(&mut out, k);
+        out.push(':');
+        match v {
+            JsonValue::Str(s) => push_json_str(&mut out, s),
+            JsonValue::Int(n) => out.push_str(&n.to_string()),
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// A member value for [`json_object`].
+#[derive(Clone, Copy, Debug)]
+pub enum JsonValue<'a> {
+    Str(&'a str),
+    Int(i64),
 }
 
 /// Signs `header` and `payload` (already serialized JSON) into a compact JWS.
@@ -189,11 +340,6 @@ pub fn sign(key: &MacKey, header: &[u8], payload: &[u8]) -> String {
     out
 }
 
-/// Reads a JSON number as `f64` (NumericDate may carry fractions).
-pub fn numeric(v: &Value) -> Option<f64> {
-    v.as_f64().filter(|f| f.is_finite())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,7 +350,7 @@ mod tests {
         let t = sign(&key, br#"{"alg":"HS256"}"#, br#"{"a":1}"#);
         let p = split(t.as_bytes()).unwrap();
         assert!(key.verify(p.signing_input, &p.signature));
-        assert_eq!(p.payload["a"], 1);
+        assert_eq!(members(&p.payload, ["a"]).unwrap(), [Some(Claim::Num(1.0))]);
         // padding, bad alphabet, extra or missing segments
         assert!(split(format!("{t}=").as_bytes()).is_none());
         assert!(split(t.replace('.', ".+").as_bytes()).is_none());
@@ -219,12 +365,42 @@ mod tests {
         assert!(b64_decode(b"abcde").is_none());
         assert!(b64_decode(b"ab=").is_none());
         assert!(b64_decode(b"a b").is_none());
-        // duplicate members
-        let dup = format!("{}.{}.", b64_encode(br#"{"alg":"HS256"}"#), b64_encode(br#"{"sid":"a","sid":"b"}"#));
-        assert!(split(dup.as_bytes()).is_none());
-        // not objects
-        let arr = format!("{}.{}.", b64_encode(b"[]"), b64_encode(b"{}"));
-        assert!(split(arr.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn members_reads_only_what_is_asked() {
+        let json =
+            br#"{"sid":"a\u00e9","exp":1.5e9,"aud":["x",2,"y"],"big":{"deep":[1,[2,{"a":null}]]},"n":null,"t":true}"#;
+        let [sid, exp, aud, n, t, missing] = members(json, ["sid", "exp", "aud", "n", "t", "zz"]).unwrap();
+        assert_eq!(sid.unwrap().as_str(), Some("a\u{e9}"));
+        assert_eq!(exp.unwrap().as_num(), Some(1.5e9));
+        assert_eq!(aud, Some(Claim::Arr { strings: vec!["x".into(), "y".into()], all_strings: false }));
+        assert_eq!(n, Some(Claim::Other));
+        assert_eq!(t, Some(Claim::Other));
+        assert_eq!(missing, None);
+        // duplicates of any member, non-objects, trailing garbage, bad JSON
+        assert!(members(br#"{"sid":"a","sid":"b"}"#, ["sid"]).is_none());
+        assert!(members(br#"{"x":1,"x":2}"#, ["sid"]).is_none());
+        assert!(members(b"[]", ["sid"]).is_none());
+        assert!(members(b"{} {}", ["sid"]).is_none());
+        assert!(members(b"{\"a\":}", ["sid"]).is_none());
+        assert!(members(b"", ["sid"]).is_none());
+        assert!(members("{\"a\":\"\u{ff}\"}".as_bytes(), ["a"]).is_some());
+        assert!(members(b"{\"a\":\"\xff\"}", ["a"]).is_none(), "invalid UTF-8 is not JSON");
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(5000), "]".repeat(5000));
+        assert!(members(deep.as_bytes(), ["a"]).is_none(), "recursion limit, not a stack overflow");
+    }
+
+    #[test]
+    fn json_writing_round_trips() {
+        let nasty = "a\"b\\c\n\u{1}é会";
+        let json =
+            json_object(&[("sid", JsonValue::Str(nasty)), ("exp", JsonValue::Int(-5)), ("k\"", JsonValue::Int(7))]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["sid"], nasty);
+        assert_eq!(v["exp"], -5);
+        assert_eq!(v["k\""], 7);
+        assert_eq!(json_object(&[]), "{}");
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! - [`admin`]: parsing Envoy's admin `/clusters?format=json` for live discovery.
 //! - [`headers`]: request headers as bytes (wire map, cookies, spoofing checks).
 //! - [`decision`]: the per-request policy, `decide` and `respond`.
+//! - [`memo`]: per-VM memo of recent successful token and ticket checks.
 //! - [`metrics`]: metric names and the in-VM tally flushed to Envoy.
 //! - `filter` (wasm32 only): root and HTTP contexts; gathers inputs, applies decisions.
 
@@ -35,6 +36,7 @@ pub mod decision;
 pub mod headers;
 pub mod hosts;
 pub mod jws;
+pub mod memo;
 pub mod metrics;
 pub mod ticket;
 pub mod token;

@@ -6,10 +6,8 @@
 //! address. A ticket is usable only with a valid signature, an unexpired `exp` and the
 //! same `sid` as the request's session token; anything else is ignored (and counted).
 
-use serde_json::{json, Value};
-
 use crate::hosts;
-use crate::jws::{self, Alg, MacKey};
+use crate::jws::{self, Alg, Claim, JsonValue, MacKey};
 
 /// A ticket that verified and belongs to the session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,19 +33,20 @@ impl Tickets {
             return None;
         }
         let parts = jws::split(raw)?;
-        if parts.header.get("alg").and_then(Value::as_str) != Some(Alg::HS256.name()) {
+        let [alg] = jws::members(&parts.header, ["alg"])?;
+        if alg.as_ref().and_then(Claim::as_str) != Some(Alg::HS256.name()) {
             return None;
         }
         if !self.mac.verify(parts.signing_input, &parts.signature) {
             return None;
         }
-        let c = &parts.payload;
-        if c.get("sid").and_then(Value::as_str) != Some(session) {
+        let [sid, node, iat, exp] = jws::members(&parts.payload, ["sid", "node", "iat", "exp"])?;
+        if sid.as_ref().and_then(Claim::as_str) != Some(session) {
             return None;
         }
-        let node = hosts::parse_node_id(c.get("node").and_then(Value::as_str)?)?;
-        let exp = c.get("exp").and_then(jws::numeric)?;
-        let iat = c.get("iat").and_then(jws::numeric)?;
+        let node = hosts::parse_node_id(node.as_ref().and_then(Claim::as_str)?)?;
+        let exp = exp.as_ref().and_then(Claim::as_num)?;
+        let iat = iat.as_ref().and_then(Claim::as_num)?;
         if (now as f64) >= exp {
             return None;
         }
@@ -56,14 +55,14 @@ impl Tickets {
 
     /// Issues a ticket naming `node` for `session`.
     pub fn issue(&self, session: &str, node: u64, now: i64) -> String {
-        let payload = json!({
-            "sid": session,
-            "node": hosts::node_id(node),
-            "iat": now,
-            "exp": now.saturating_add(self.ttl_seconds),
-        });
-        let payload = serde_json::to_vec(&payload).unwrap_or_default();
-        jws::sign(&self.mac, br#"{"alg":"HS256","typ":"JWT"}"#, &payload)
+        let node_id = hosts::node_id(node);
+        let payload = jws::json_object(&[
+            ("sid", JsonValue::Str(session)),
+            ("node", JsonValue::Str(&node_id)),
+            ("iat", JsonValue::Int(now)),
+            ("exp", JsonValue::Int(now.saturating_add(self.ttl_seconds))),
+        ]);
+        jws::sign(&self.mac, br#"{"alg":"HS256","typ":"JWT"}"#, payload.as_bytes())
     }
 
     /// True when a still-valid ticket is past half of its lifetime and should be
@@ -97,7 +96,7 @@ mod tests {
         assert_eq!(t.verify(b"garbage", "s1", 1000), None);
         // Node ids travel as hex, never as addresses.
         let payload = jws::split(raw.as_bytes()).unwrap().payload;
-        assert_eq!(payload["node"], "0000000000000abc");
+        assert_eq!(jws::members(&payload, ["node"]).unwrap()[0].as_ref().unwrap().as_str(), Some("0000000000000abc"));
     }
 
     #[test]

@@ -11,9 +11,7 @@
 
 use std::fmt;
 
-use serde_json::{json, Value};
-
-use crate::jws::{self, Alg, MacKey};
+use crate::jws::{self, Alg, Claim, JsonValue, MacKey};
 
 /// Why a token was refused. The variants are the metric labels and the 401 reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,9 +91,12 @@ pub struct Validator {
 }
 
 /// A token that passed every check.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Valid {
     pub session: String,
+    /// The time claims, for re-checking a memoized token (see [`crate::memo`]).
+    pub exp: Option<f64>,
+    pub nbf: Option<f64>,
 }
 
 impl Validator {
@@ -105,25 +106,27 @@ impl Validator {
             return Err(TokenError::Oversized);
         }
         let parts = jws::split(token).ok_or(TokenError::Malformed)?;
+        let [alg, kid, crit] = jws::members(&parts.header, ["alg", "kid", "crit"]).ok_or(TokenError::Malformed)?;
+        let [exp, nbf, iat, iss, aud, session] =
+            jws::members(&parts.payload, ["exp", "nbf", "iat", "iss", "aud", self.session_claim.as_str()])
+                .ok_or(TokenError::Malformed)?;
 
         // Algorithm: an HMAC algorithm that at least one key is pinned to.
-        let alg = parts
-            .header
-            .get("alg")
-            .and_then(Value::as_str)
+        let alg = alg
+            .as_ref()
+            .and_then(Claim::as_str)
             .and_then(Alg::from_name)
             .filter(|alg| self.keys.iter().any(|k| k.alg() == *alg))
             .ok_or(TokenError::DisallowedAlg)?;
-        if parts.header.contains_key("crit") {
+        if crit.is_some() {
             // RFC 7515 4.1.11: extensions we do not understand must be refused.
             return Err(TokenError::Malformed);
         }
 
         // Key: by kid, or every key of this algorithm in configuration order.
-        let verified = match parts.header.get("kid") {
-            Some(Value::String(kid)) => {
-                let key =
-                    self.keys.iter().find(|k| k.kid.as_deref() == Some(kid.as_str())).ok_or(TokenError::UnknownKey)?;
+        let verified = match kid {
+            Some(Claim::Str(kid)) => {
+                let key = self.keys.iter().find(|k| k.kid.as_deref() == Some(&*kid)).ok_or(TokenError::UnknownKey)?;
                 if key.alg() != alg {
                     return Err(TokenError::DisallowedAlg);
                 }
@@ -138,45 +141,49 @@ impl Validator {
             return Err(TokenError::BadSignature);
         }
 
-        let claims = &parts.payload;
         let leeway = self.leeway_seconds as f64;
         let now_f = now as f64;
-        match claims.get("exp") {
+        let exp = match exp {
             Some(v) => {
-                let exp = jws::numeric(v).ok_or(TokenError::BadClaims)?;
+                let exp = v.as_num().ok_or(TokenError::BadClaims)?;
                 if now_f >= exp + leeway {
                     return Err(TokenError::Expired);
                 }
+                Some(exp)
             }
             None if self.require_exp => return Err(TokenError::BadClaims),
-            None => {}
-        }
-        if let Some(v) = claims.get("nbf") {
-            let nbf = jws::numeric(v).ok_or(TokenError::BadClaims)?;
-            if nbf > now_f + leeway {
-                return Err(TokenError::NotYetValid);
+            None => None,
+        };
+        let nbf = match nbf {
+            Some(v) => {
+                let nbf = v.as_num().ok_or(TokenError::BadClaims)?;
+                if nbf > now_f + leeway {
+                    return Err(TokenError::NotYetValid);
+                }
+                Some(nbf)
             }
-        }
-        if let Some(v) = claims.get("iat") {
-            jws::numeric(v).ok_or(TokenError::BadClaims)?;
+            None => None,
+        };
+        if let Some(v) = iat {
+            v.as_num().ok_or(TokenError::BadClaims)?;
         }
         if let Some(issuer) = &self.issuer {
-            if claims.get("iss").and_then(Value::as_str) != Some(issuer.as_str()) {
+            if iss.as_ref().and_then(Claim::as_str) != Some(issuer.as_str()) {
                 return Err(TokenError::BadClaims);
             }
         }
         if let Some(audience) = &self.audience {
-            let ok = match claims.get("aud") {
-                Some(Value::String(a)) => a == audience,
-                Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(audience.as_str())),
+            let ok = match &aud {
+                Some(Claim::Str(a)) => a == audience,
+                Some(Claim::Arr { strings, .. }) => strings.iter().any(|a| a == audience),
                 _ => false,
             };
             if !ok {
                 return Err(TokenError::BadClaims);
             }
         }
-        match claims.get(&self.session_claim) {
-            Some(Value::String(s)) if valid_session_id(s) => Ok(Valid { session: s.clone() }),
+        match session {
+            Some(Claim::Str(s)) if valid_session_id(&s) => Ok(Valid { session: s.into_owned(), exp, nbf }),
             _ => Err(TokenError::BadClaims),
         }
     }
@@ -185,23 +192,23 @@ impl Validator {
     /// configured `iss`/`aud` so that the token validates here and at every replica.
     pub fn mint(&self, session: &str, now: i64, ttl_seconds: i64) -> Option<String> {
         let key = self.keys.first()?;
-        let mut header = json!({"alg": key.alg().name(), "typ": "JWT"});
-        if let (Some(kid), Some(obj)) = (&key.kid, header.as_object_mut()) {
-            obj.insert("kid".into(), Value::String(kid.clone()));
+        let mut header = vec![("alg", JsonValue::Str(key.alg().name())), ("typ", JsonValue::Str("JWT"))];
+        if let Some(kid) = &key.kid {
+            header.push(("kid", JsonValue::Str(kid)));
         }
-        let mut payload = serde_json::Map::new();
+        let mut payload = Vec::with_capacity(5);
         if let Some(iss) = &self.issuer {
-            payload.insert("iss".into(), Value::String(iss.clone()));
+            payload.push(("iss", JsonValue::Str(iss)));
         }
         if let Some(aud) = &self.audience {
-            payload.insert("aud".into(), Value::String(aud.clone()));
+            payload.push(("aud", JsonValue::Str(aud)));
         }
-        payload.insert(self.session_claim.clone(), Value::String(session.to_string()));
-        payload.insert("iat".into(), json!(now));
-        payload.insert("exp".into(), json!(now.saturating_add(ttl_seconds)));
-        let header = serde_json::to_vec(&header).ok()?;
-        let payload = serde_json::to_vec(&Value::Object(payload)).ok()?;
-        Some(jws::sign(&key.mac, &header, &payload))
+        payload.push((self.session_claim.as_str(), JsonValue::Str(session)));
+        payload.push(("iat", JsonValue::Int(now)));
+        payload.push(("exp", JsonValue::Int(now.saturating_add(ttl_seconds))));
+        let header = jws::json_object(&header);
+        let payload = jws::json_object(&payload);
+        Some(jws::sign(&key.mac, header.as_bytes(), payload.as_bytes()))
     }
 }
 
@@ -219,6 +226,7 @@ pub fn new_session_id(random: &[u8; 16]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
     fn validator() -> Validator {
         Validator {
@@ -245,7 +253,7 @@ mod tests {
         let v = validator();
         let k = &v.keys[0].mac;
         let t = make(k, json!({"alg":"HS256","kid":"a"}), json!({"sid":"s","exp":100}));
-        assert_eq!(v.validate(t.as_bytes(), 99), Ok(Valid { session: "s".into() }));
+        assert_eq!(v.validate(t.as_bytes(), 99).map(|v| v.session), Ok("s".into()));
         assert_eq!(v.validate(t.as_bytes(), 100), Err(TokenError::Expired));
         let mut lenient = validator();
         lenient.leeway_seconds = 5;
@@ -324,7 +332,7 @@ mod tests {
         v.issuer = Some("iss".into());
         v.audience = Some("aud".into());
         let t = v.mint("abc", 1000, 60).unwrap();
-        assert_eq!(v.validate(t.as_bytes(), 1059), Ok(Valid { session: "abc".into() }));
+        assert_eq!(v.validate(t.as_bytes(), 1059).map(|v| v.session), Ok("abc".into()));
         assert_eq!(v.validate(t.as_bytes(), 1060), Err(TokenError::Expired));
         assert_eq!(new_session_id(&[0xff; 16]).len(), 22);
     }

@@ -6,7 +6,7 @@
 use serde_json::json;
 use session_affinity::affinity;
 use session_affinity::config::Config;
-use session_affinity::decision::{decide, respond, Decision, Pending, Served, Verdict};
+use session_affinity::decision::{decide, respond, Decision, Pending, Scratch, Served, Verdict};
 use session_affinity::headers::Header;
 use session_affinity::hosts::{node_id, HostSet};
 use session_affinity::jws::{self, Alg, MacKey};
@@ -58,7 +58,7 @@ fn jws_key(b64: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
 }
 
-fn run<'c>(cfg: &'c Config, set: &HostSet, headers: &[(&str, &str)], tally: &mut Tally) -> Decision<'c> {
+fn run<'c>(cfg: &'c Config, set: &HostSet, headers: &[(&str, &str)], tally: &mut Scratch) -> Decision<'c> {
     let hs: Vec<Header<'_>> = headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())).collect();
     let mut random = || Some([7u8; 16]);
     decide(cfg, &hs, set, NOW, &mut random, tally)
@@ -87,7 +87,7 @@ fn valid_token_routes_by_ranking_with_fallbacks() {
     let set = hosts(&cfg);
     for i in 0..200 {
         let sid = format!("conversation-{i}");
-        let mut tally = Tally::default();
+        let mut tally = Scratch::new(1);
         let d = run(&cfg, &set, &[("x-session-token", &token(&sid, NOW + 60))], &mut tally);
         let (hdrs, pending) = forwarded(&d);
         assert_eq!(header(hdrs, "x-gateway-destination-endpoint").unwrap(), expected_override(&set, &sid, 3));
@@ -96,9 +96,9 @@ fn valid_token_routes_by_ranking_with_fallbacks() {
         assert_eq!(header(hdrs, "x-session-previous-node"), None);
         assert_eq!(pending.session.as_deref(), Some(sid.as_str()));
         assert_eq!(pending.primary.as_deref(), expected_override(&set, &sid, 1).split(',').next());
-        assert_eq!(tally.get(Counter::Requests), 1);
-        assert_eq!(tally.get(Counter::TokenValid), 1);
-        assert_eq!(tally.get(Counter::Outcome(Outcome::New)), 1);
+        assert_eq!(tally.tally.get(Counter::Requests), 1);
+        assert_eq!(tally.tally.get(Counter::TokenValid), 1);
+        assert_eq!(tally.tally.get(Counter::Outcome(Outcome::New)), 1);
     }
 }
 
@@ -109,7 +109,7 @@ fn fallbacks_count_is_respected() {
             {"address": "127.0.0.1:8001"}, {"address": "127.0.0.1:8002"},
             {"address": "127.0.0.1:8003"}, {"address": "127.0.0.1:8004"}]}}));
         let set = hosts(&cfg);
-        let d = run(&cfg, &set, &[("x-session-token", &token("s", NOW + 60))], &mut Tally::default());
+        let d = run(&cfg, &set, &[("x-session-token", &token("s", NOW + 60))], &mut Scratch::new(1));
         let (hdrs, _) = forwarded(&d);
         let v = header(hdrs, "x-gateway-destination-endpoint").unwrap();
         assert_eq!(v.split(',').count(), want, "{v}");
@@ -133,12 +133,12 @@ fn token_sources_in_order() {
         (vec![("authorization", "Basic abc"), ("cookie", &cookie)], "from-cookie"),
     ];
     for (hs, want) in cases {
-        let d = run(&cfg, &set, &hs, &mut Tally::default());
+        let d = run(&cfg, &set, &hs, &mut Scratch::new(1));
         let (hdrs, _) = forwarded(&d);
         assert_eq!(header(hdrs, "x-session-id"), Some(want));
     }
     // Duplicate token headers: the first wins.
-    let d = run(&cfg, &set, &[("x-session-token", &a), ("x-session-token", &b)], &mut Tally::default());
+    let d = run(&cfg, &set, &[("x-session-token", &a), ("x-session-token", &b)], &mut Scratch::new(1));
     assert_eq!(header(forwarded(&d).0, "x-session-id"), Some("from-header"));
 }
 
@@ -147,7 +147,7 @@ fn missing_token_per_action() {
     // mint
     let cfg = config(json!({"on_missing": "mint"}));
     let set = hosts(&cfg);
-    let mut tally = Tally::default();
+    let mut tally = Scratch::new(1);
     let d = run(&cfg, &set, &[], &mut tally);
     let (hdrs, pending) = forwarded(&d);
     let sid = header(hdrs, "x-session-id").unwrap();
@@ -155,13 +155,13 @@ fn missing_token_per_action() {
     assert_eq!(header(hdrs, "x-session-affinity"), Some("new"));
     let minted = pending.minted.as_deref().unwrap();
     assert_eq!(cfg.validator.validate(minted.as_bytes(), NOW).unwrap().session, sid);
-    assert_eq!(tally.get(Counter::TokenMissing), 1);
-    assert_eq!(tally.get(Counter::TokenMinted), 1);
-    assert_eq!(tally.get(Counter::Outcome(Outcome::New)), 1);
+    assert_eq!(tally.tally.get(Counter::TokenMissing), 1);
+    assert_eq!(tally.tally.get(Counter::TokenMinted), 1);
+    assert_eq!(tally.tally.get(Counter::Outcome(Outcome::New)), 1);
 
     // reject
     let cfg = config(json!({"on_missing": "reject"}));
-    let mut tally = Tally::default();
+    let mut tally = Scratch::new(1);
     let d = run(&cfg, &set, &[], &mut tally);
     match d.verdict {
         Verdict::Reply(r) => {
@@ -172,16 +172,16 @@ fn missing_token_per_action() {
         }
         _ => panic!("expected 401"),
     }
-    assert_eq!(tally.get(Counter::Outcome(Outcome::Rejected)), 1);
+    assert_eq!(tally.tally.get(Counter::Outcome(Outcome::Rejected)), 1);
 
     // pass
     let cfg = config(json!({"on_missing": "pass"}));
-    let mut tally = Tally::default();
+    let mut tally = Scratch::new(1);
     let d = run(&cfg, &set, &[], &mut tally);
     let (hdrs, pending) = forwarded(&d);
     assert!(hdrs.is_empty());
     assert_eq!(pending, &Pending::default());
-    assert_eq!(tally.get(Counter::Outcome(Outcome::Unaffined)), 1);
+    assert_eq!(tally.tally.get(Counter::Outcome(Outcome::Unaffined)), 1);
 }
 
 #[test]
@@ -195,7 +195,7 @@ fn invalid_tokens_per_action() {
         (format!("{}x", token("s", NOW + 60)), TokenError::BadSignature),
     ];
     for (tok, reason) in cases {
-        let mut tally = Tally::default();
+        let mut tally = Scratch::new(1);
         let d = run(&cfg, &set, &[("x-session-token", &tok)], &mut tally);
         match d.verdict {
             Verdict::Reply(r) => {
@@ -205,17 +205,17 @@ fn invalid_tokens_per_action() {
             }
             _ => panic!("expected 401 for {reason}"),
         }
-        assert_eq!(tally.get(Counter::TokenInvalid(reason)), 1);
+        assert_eq!(tally.tally.get(Counter::TokenInvalid(reason)), 1);
     }
     let cfg = config(json!({"on_invalid": "mint"}));
-    let mut tally = Tally::default();
+    let mut tally = Scratch::new(1);
     let d = run(&cfg, &set, &[("x-session-token", "garbage")], &mut tally);
     let (_, pending) = forwarded(&d);
     assert!(pending.minted.is_some());
-    assert_eq!(tally.get(Counter::TokenInvalid(TokenError::Malformed)), 1);
-    assert_eq!(tally.get(Counter::TokenMinted), 1);
+    assert_eq!(tally.tally.get(Counter::TokenInvalid(TokenError::Malformed)), 1);
+    assert_eq!(tally.tally.get(Counter::TokenMinted), 1);
     let cfg = config(json!({"on_invalid": "pass"}));
-    let d = run(&cfg, &set, &[("x-session-token", "garbage")], &mut Tally::default());
+    let d = run(&cfg, &set, &[("x-session-token", "garbage")], &mut Scratch::new(1));
     assert!(forwarded(&d).0.is_empty());
 }
 
@@ -235,7 +235,7 @@ fn spoofed_headers_are_stripped_in_every_spelling() {
             ("x-session-previous-node", "abc"),
             ("x-session-idx", "kept"),
         ],
-        &mut Tally::default(),
+        &mut Scratch::new(1),
     );
     assert_eq!(
         d.remove,
@@ -262,7 +262,7 @@ fn tickets_sticky_moved_pinned_and_ignored() {
         let tok = token(sid, NOW + 60);
 
         // Ticket names the ranking's top: sticky in both modes.
-        let mut tally = Tally::default();
+        let mut tally = Scratch::new(1);
         let t = ticket(sid, top);
         let d = run(&cfg, &set, &[("x-session-token", &tok), ("x-session-ticket", &t)], &mut tally);
         let (hdrs, pending) = forwarded(&d);
@@ -270,7 +270,7 @@ fn tickets_sticky_moved_pinned_and_ignored() {
         assert_eq!(pending.ticket.unwrap().node, top);
 
         // Ticket names another healthy node: pinned stays there, rendezvous moves.
-        let mut tally = Tally::default();
+        let mut tally = Scratch::new(1);
         let t = ticket(sid, other);
         let cookie = format!("sa_ticket={t}");
         let d = run(&cfg, &set, &[("x-session-token", &tok), ("cookie", &cookie)], &mut tally);
@@ -284,13 +284,13 @@ fn tickets_sticky_moved_pinned_and_ignored() {
             assert_eq!(header(hdrs, "x-session-affinity"), Some("moved"));
             assert_eq!(header(hdrs, "x-session-previous-node"), Some(node_id(other).as_str()));
             assert_eq!(ov, expected_override(&set, sid, 3));
-            assert_eq!(tally.get(Counter::Outcome(Outcome::Moved)), 1);
+            assert_eq!(tally.tally.get(Counter::Outcome(Outcome::Moved)), 1);
         }
 
         // Ticket names a node that is gone: moved, in both modes, to the ranking.
         let gone = affinity::h64(b"10.0.0.99:1");
         let t = ticket(sid, gone);
-        let d = run(&cfg, &set, &[("x-session-token", &tok), ("x-session-ticket", &t)], &mut Tally::default());
+        let d = run(&cfg, &set, &[("x-session-token", &tok), ("x-session-ticket", &t)], &mut Scratch::new(1));
         let (hdrs, _) = forwarded(&d);
         assert_eq!(header(hdrs, "x-session-affinity"), Some("moved"));
         assert_eq!(header(hdrs, "x-session-previous-node"), Some(node_id(gone).as_str()));
@@ -298,12 +298,12 @@ fn tickets_sticky_moved_pinned_and_ignored() {
 
         // Another session's ticket, or a forged one: ignored and counted.
         for bad in [ticket("someone-else", other), format!("{}A", ticket(sid, other)), "junk".into()] {
-            let mut tally = Tally::default();
+            let mut tally = Scratch::new(1);
             let d = run(&cfg, &set, &[("x-session-token", &tok), ("x-session-ticket", &bad)], &mut tally);
             let (hdrs, pending) = forwarded(&d);
             assert_eq!(header(hdrs, "x-session-affinity"), Some("new"));
             assert!(pending.ticket.is_none());
-            assert_eq!(tally.get(Counter::TicketIgnored), 1);
+            assert_eq!(tally.tally.get(Counter::TicketIgnored), 1);
         }
     }
 }
@@ -312,7 +312,7 @@ fn tickets_sticky_moved_pinned_and_ignored() {
 fn no_healthy_host_is_503() {
     let cfg = config(json!({}));
     let empty = HostSet::new(vec![]).unwrap();
-    let mut tally = Tally::default();
+    let mut tally = Scratch::new(1);
     let d = run(&cfg, &empty, &[("x-session-token", &token("s", NOW + 60))], &mut tally);
     match d.verdict {
         Verdict::Reply(r) => {
@@ -321,12 +321,12 @@ fn no_healthy_host_is_503() {
         }
         _ => panic!("expected 503"),
     }
-    assert_eq!(tally.get(Counter::Outcome(Outcome::NoHost)), 1);
+    assert_eq!(tally.tally.get(Counter::Outcome(Outcome::NoHost)), 1);
     // Nothing is minted for a request that cannot be served.
-    let mut tally = Tally::default();
+    let mut tally = Scratch::new(1);
     let _ = run(&cfg, &empty, &[], &mut tally);
-    assert_eq!(tally.get(Counter::TokenMinted), 0);
-    assert_eq!(tally.get(Counter::Outcome(Outcome::NoHost)), 1);
+    assert_eq!(tally.tally.get(Counter::TokenMinted), 0);
+    assert_eq!(tally.tally.get(Counter::Outcome(Outcome::NoHost)), 1);
 }
 
 #[test]
@@ -341,8 +341,13 @@ fn respond_issues_tickets_and_counts() {
     let fallback = set.hosts()[rank[1]].clone();
 
     // A new session served by its primary: a ticket naming the primary.
-    let pending =
-        Pending { session: Some(sid.into()), minted: None, ticket: None, primary: Some(primary.address.clone()) };
+    let pending = Pending {
+        session: Some(sid.into()),
+        minted: None,
+        ticket: None,
+        primary: Some(primary.address.clone()),
+        primary_node: None,
+    };
     let mut tally = Tally::default();
     let add = respond(
         &cfg,
@@ -423,7 +428,13 @@ fn respond_issues_tickets_and_counts() {
 }
 
 fn pending_of(sid: &str) -> Pending {
-    Pending { session: Some(sid.into()), minted: None, ticket: None, primary: Some("127.0.0.1:8001".into()) }
+    Pending {
+        session: Some(sid.into()),
+        minted: None,
+        ticket: None,
+        primary: Some("127.0.0.1:8001".into()),
+        primary_node: None,
+    }
 }
 
 #[test]
@@ -435,7 +446,7 @@ fn weighted_hosts_follow_the_ranking() {
     let mut wins = std::collections::HashMap::new();
     for i in 0..2000 {
         let sid = format!("w-{i}");
-        let d = run(&cfg, &set, &[("x-session-token", &token(&sid, NOW + 60))], &mut Tally::default());
+        let d = run(&cfg, &set, &[("x-session-token", &token(&sid, NOW + 60))], &mut Scratch::new(1));
         let v = header(forwarded(&d).0, "x-gateway-destination-endpoint").unwrap().to_string();
         assert_eq!(v, expected_override(&set, &sid, 3));
         *wins.entry(v.split(',').next().unwrap().to_string()).or_insert(0) += 1;
@@ -446,4 +457,44 @@ fn weighted_hosts_follow_the_ranking() {
     // A custom key is hashed instead of the address.
     let h = set.hosts().iter().find(|h| h.address == "10.1.0.14:8000").unwrap();
     assert_eq!(h.h64, affinity::h64(b"node-14"));
+}
+
+#[test]
+fn memoized_checks_give_the_same_answers() {
+    let cfg =
+        config(json!({"token": {"keys": [{"kid": "k1", "alg": "HS256", "secret_base64": KEY}], "leeway_seconds": 0}}));
+    let set = hosts(&cfg);
+    let mut scratch = Scratch::new(9);
+    let tok = token("memo", NOW + 10);
+    let hs: Vec<Header<'_>> = vec![(b"x-session-token", tok.as_bytes())];
+    let mut random = || Some([7u8; 16]);
+    // Same answer from scratch and from the memo, until the exact second of expiry.
+    for now in [NOW, NOW + 5, NOW + 9] {
+        let d = decide(&cfg, &hs, &set, now, &mut random, &mut scratch);
+        assert_eq!(header(forwarded(&d).0, "x-session-id"), Some("memo"));
+    }
+    let d = decide(&cfg, &hs, &set, NOW + 10, &mut random, &mut scratch);
+    assert!(matches!(d.verdict, Verdict::Reply(ref r) if r.body.contains("expired")));
+    assert_eq!(scratch.tally.get(Counter::TokenInvalid(TokenError::Expired)), 1);
+    assert_eq!(scratch.memos.tokens.get(tok.as_bytes()).map(|f| f.session.as_str()), Some("memo"));
+    // A token differing in one byte is checked in full.
+    let mut bad = tok.clone().into_bytes();
+    let last = bad.len() - 1;
+    bad[last] = if bad[last] == b'A' { b'B' } else { b'A' };
+    let hs: Vec<Header<'_>> = vec![(b"x-session-token", &bad)];
+    let d = decide(&cfg, &hs, &set, NOW, &mut random, &mut scratch);
+    assert!(matches!(d.verdict, Verdict::Reply(ref r) if r.body.contains("bad_signature")));
+
+    // A memoized ticket stays bound to its session.
+    let rank = set.rank(b"memo");
+    let t = ticket("memo", set.hosts()[rank[1]].h64);
+    let other = token("someone-else", NOW + 10);
+    let mut scratch = Scratch::new(9);
+    let d = run(&cfg, &set, &[("x-session-token", &tok), ("x-session-ticket", &t)], &mut scratch);
+    assert_eq!(header(forwarded(&d).0, "x-session-affinity"), Some("sticky"));
+    let d = run(&cfg, &set, &[("x-session-token", &tok), ("x-session-ticket", &t)], &mut scratch);
+    assert_eq!(header(forwarded(&d).0, "x-session-affinity"), Some("sticky"));
+    let d = run(&cfg, &set, &[("x-session-token", &other), ("x-session-ticket", &t)], &mut scratch);
+    assert_eq!(header(forwarded(&d).0, "x-session-affinity"), Some("new"));
+    assert_eq!(scratch.tally.get(Counter::TicketIgnored), 1);
 }

@@ -18,10 +18,10 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 
 use crate::admin;
 use crate::config::{Config, Hosts};
-use crate::decision::{self, Pending, Served, Verdict};
+use crate::decision::{self, Pending, Scratch, Served, Verdict};
 use crate::headers;
 use crate::hosts::HostSet;
-use crate::metrics::{self, Counter, Delta, NodeSlots, Tally};
+use crate::metrics::{self, Counter, Delta, NodeSlots};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -29,13 +29,15 @@ proxy_wasm::main! {{
 }}
 
 /// Per-VM state shared by the root context and every HTTP context of the worker.
-#[derive(Default)]
 struct State {
     config: Option<Rc<Config>>,
     hosts: Rc<HostSet>,
     /// True once a host set is in use (static, or a first successful poll).
     have_hosts: bool,
-    tally: Tally,
+    /// True once a host set with at least one host has been in use (see
+    /// [`admin::poll_due`]).
+    seen_healthy: bool,
+    scratch: Scratch,
     slots: NodeSlots,
     /// Envoy metric ids of the fixed counters, by [`Counter::index`].
     counter_ids: Vec<u32>,
@@ -45,15 +47,35 @@ struct State {
     last_flush_ms: u64,
 }
 
+impl Default for State {
+    fn default() -> State {
+        // The memo's slot hash is seeded per VM so clients cannot aim at its slots.
+        let mut seed = [0u8; 8];
+        let _ = getrandom::fill(&mut seed);
+        State {
+            config: None,
+            hosts: Rc::default(),
+            have_hosts: false,
+            seen_healthy: false,
+            scratch: Scratch::new(u64::from_le_bytes(seed)),
+            slots: NodeSlots::default(),
+            counter_ids: Vec::new(),
+            node_ids: Vec::new(),
+            gauge_id: None,
+            last_flush_ms: 0,
+        }
+    }
+}
+
 impl State {
     /// Sends every pending count to Envoy.
     fn flush(&mut self, now_ms: u64) {
         self.last_flush_ms = now_ms;
-        if !self.tally.is_dirty() {
+        if !self.scratch.tally.is_dirty() {
             return;
         }
-        let State { tally, slots, counter_ids, node_ids, .. } = self;
-        tally.drain(|delta| match delta {
+        let State { scratch, slots, counter_ids, node_ids, .. } = self;
+        scratch.tally.drain(|delta| match delta {
             Delta::Fixed(i, v) => {
                 if let Some(id) = counter_ids.get(i) {
                     raw::increment(*id, v);
@@ -96,6 +118,7 @@ impl State {
         if let Some(id) = self.gauge_id {
             let _ = proxy_wasm::hostcalls::record_metric(id, set.len() as u64);
         }
+        self.seen_healthy |= !set.is_empty();
         self.hosts = Rc::new(set);
         self.have_hosts = true;
     }
@@ -151,19 +174,19 @@ impl Context for Root {
             }
         }) {
             Ok(change) => {
-                st.tally.add(Counter::DiscoveryOk);
+                st.scratch.tally.add(Counter::DiscoveryOk);
                 if let Some(set) = change {
                     log::info!("session-affinity: {} healthy hosts in cluster {}", set.len(), d.cluster);
                     st.install(set);
                 }
-                let want = tick_ms(d.refresh_ms, &st);
+                let want = if st.seen_healthy { tick_ms(d.refresh_ms, &st) } else { admin::STARTUP_POLL_MS };
                 if self.tick_ms != want {
                     self.tick_ms = want;
                     let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(want));
                 }
             }
             Err(e) => {
-                st.tally.add(Counter::DiscoveryFailed);
+                st.scratch.tally.add(Counter::DiscoveryFailed);
                 log::warn!("session-affinity: discovery poll failed, keeping the last good host set: {e}");
             }
         }
@@ -192,7 +215,7 @@ impl Root {
         ) {
             Ok(token) => self.in_flight = Some(token),
             Err(status) => {
-                self.state.borrow_mut().tally.add(Counter::DiscoveryFailed);
+                self.state.borrow_mut().scratch.tally.add(Counter::DiscoveryFailed);
                 log::warn!(
                     "session-affinity: cannot call admin cluster {}: {:?} (is it defined?)",
                     d.admin_cluster,
@@ -242,10 +265,12 @@ impl RootContext for Root {
             Hosts::Discovery(_) => {
                 st.config = Some(Rc::new(config));
                 st.have_hosts = false;
-                // Poll quickly until the first good set arrives, then every refresh_ms.
-                self.tick_ms = 50;
+                st.seen_healthy = false;
+                // Poll quickly until a set with a healthy host arrives, then every
+                // refresh_ms (admin::poll_due).
+                self.tick_ms = admin::STARTUP_POLL_MS;
                 self.next_poll_ms = 0;
-                let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(50));
+                let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(admin::STARTUP_POLL_MS));
                 if let Some(id) = st.gauge_id {
                     let _ = proxy_wasm::hostcalls::record_metric(id, 0);
                 }
@@ -261,12 +286,12 @@ impl RootContext for Root {
             let mut st = self.state.borrow_mut();
             st.flush(now_ms);
             match st.config.as_ref().map(|c| &c.hosts) {
-                Some(Hosts::Discovery(d)) => Some((d.clone(), st.have_hosts)),
+                Some(Hosts::Discovery(d)) => Some((d.clone(), st.seen_healthy)),
                 _ => None,
             }
         };
-        if let Some((d, have)) = discovery {
-            if self.in_flight.is_none() && (!have || now_ms >= self.next_poll_ms) {
+        if let Some((d, seen_healthy)) = discovery {
+            if self.in_flight.is_none() && admin::poll_due(now_ms, self.next_poll_ms, seen_healthy) {
                 self.next_poll_ms = now_ms + u64::from(d.refresh_ms);
                 self.poll(&d);
             }
@@ -303,11 +328,21 @@ impl Context for Stream {}
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(map) = raw::header_map(MapType::HttpRequestHeaders) else {
-            return Action::Continue;
-        };
-        let Some(request) = headers::parse_map(&map) else {
-            return Action::Continue;
+        // Without the headers the filter can neither strip spoofed ones nor find the
+        // token: refuse rather than forward unfiltered (never expected from Envoy).
+        let map = raw::header_map(MapType::HttpRequestHeaders);
+        let Some(request) = map.as_deref().and_then(headers::parse_map) else {
+            log::error!("session-affinity: cannot read the request headers; refusing the request");
+            {
+                let mut st = self.state.borrow_mut();
+                st.scratch.tally.add(Counter::Requests);
+                st.scratch.tally.add(Counter::Outcome(metrics::Outcome::Rejected));
+                st.maybe_flush(now_nanos() / 1_000_000);
+            }
+            self.phase = Phase::Replied;
+            let hdrs = headers::serialize_map(&[(b"content-type", b"application/json")]);
+            raw::send_local_response(500, "session_affinity_internal", &hdrs, br#"{"error":"internal"}"#);
+            return Action::Pause;
         };
         let nanos = now_nanos();
         let now = (nanos / 1_000_000_000) as i64;
@@ -318,7 +353,7 @@ impl HttpContext for Stream {
             let mut b = [0u8; 16];
             getrandom::fill(&mut b).ok().map(|_| b)
         };
-        let d = decision::decide(&cfg, &request, &hosts, now, &mut random, &mut st.tally);
+        let d = decision::decide(&cfg, &request, &hosts, now, &mut random, &mut st.scratch);
         st.maybe_flush(nanos / 1_000_000);
         drop(st);
 
@@ -357,7 +392,7 @@ impl HttpContext for Stream {
         let mut st = self.state.borrow_mut();
         let Some(cfg) = st.config.clone() else { return Action::Continue };
         let hosts = st.hosts.clone();
-        let State { slots, tally, .. } = &mut *st;
+        let State { slots, scratch, .. } = &mut *st;
         let add = decision::respond(
             &cfg,
             &pending,
@@ -365,7 +400,7 @@ impl HttpContext for Stream {
             &hosts,
             slots,
             (nanos / 1_000_000_000) as i64,
-            tally,
+            &mut scratch.tally,
         );
         st.maybe_flush(nanos / 1_000_000);
         drop(st);
@@ -379,7 +414,7 @@ impl HttpContext for Stream {
         // Forwarded but no response headers ever came: the upstream never answered.
         if let Phase::Forwarded(_) = self.phase {
             let mut st = self.state.borrow_mut();
-            st.tally.add(Counter::UpstreamErrors);
+            st.scratch.tally.add(Counter::UpstreamErrors);
             st.maybe_flush(now_nanos() / 1_000_000);
         }
     }

@@ -18,6 +18,7 @@ import http.client
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +37,7 @@ WASM = Path(os.environ.get("SA_WASM", ROOT / "target" / "wasm32-wasip1" / "relea
 CHAT_NODE_BIN = Path(os.environ.get("CHAT_NODE_BIN", ROOT / "target" / "release" / "chat-node"))
 REFERENCE_YAML = ROOT / "envoy" / "envoy.yaml"
 BACKEND_PY = Path(__file__).resolve().parent / "backend.py"
+FAKE_ADMIN_PY = Path(__file__).resolve().parent / "fake_admin.py"
 
 # The development keys of envoy/envoy.yaml (base64), and the filter config keys the
 # tests use for their own Envoys.
@@ -158,6 +160,35 @@ def join_address(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
+class FakeAdmin:
+    """A fake Envoy admin process (fake_admin.py) for discovery fault tests: it proxies
+    the real admin on `upstream_port` until `set_mode` tells it to misbehave; `kill`
+    stops it (connection refused) and `start` brings it back on the same port."""
+
+    def __init__(self, port: int, upstream_port: int, workdir: Path):
+        self.port, self.upstream_port = port, upstream_port
+        self.mode_file = workdir / f"fake-admin-{port}.mode"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "FakeAdmin":
+        args = [sys.executable, str(FAKE_ADMIN_PY), "--port", str(self.port),
+                "--upstream-port", str(self.upstream_port), "--mode-file", str(self.mode_file)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        line = self.proc.stdout.readline() if self.proc.stdout else b""
+        if line.strip() != b"ready":
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            raise RuntimeError(f"fake admin on {self.port} failed: {err}")
+        return self
+
+    def set_mode(self, mode: str) -> None:
+        tmp = self.mode_file.with_suffix(".tmp")
+        tmp.write_text(mode)
+        os.replace(tmp, self.mode_file)
+
+    def kill(self) -> None:
+        kill_hard(self.proc)
+
+
 # --------------------------------------------------------------------------------------
 # Envoy.
 
@@ -235,6 +266,8 @@ def harness_config(
     if eds_path is not None:
         chat["type"] = "EDS"
         del chat["load_assignment"]
+        # Envoy refuses a path_config_source for EDS without a node identity.
+        cfg.setdefault("node", {"id": f"session-affinity-test-{listen}", "cluster": "session-affinity-test"})
         chat["eds_cluster_config"] = {"eds_config": {"path_config_source": {"path": str(eds_path)}, "resource_api_version": "V3"}}
         write_eds(eds_path, hosts or [])
     elif hosts is not None:
@@ -387,8 +420,61 @@ class Envoy:
             time.sleep(0.05)
         pytest.fail(f"hosts.healthy never reached {n}: {self.stats().get('hosts.healthy')}", pytrace=False)
 
+    # The filter logs from every VM (one per worker, plus the main thread's); Envoy's
+    # log lines carry the thread id, so a test can wait until EVERY VM has seen a
+    # change. The `hosts.healthy` gauge cannot tell: each VM sets it, last writer wins.
+
+    def log_mark(self) -> int:
+        """A position in Envoy's log; pass it as `since` to look only at later lines."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def wasm_log(self, since: int = 0) -> list[tuple[str, str]]:
+        """(thread id, message) of the filter's log lines after `since`."""
+        if not self.log_path.exists():
+            return []
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        out = []
+        for line in text.splitlines():
+            m = _WASM_LOG.match(line)
+            if m:
+                out.append((m.group(1), m.group(2)))
+        return out
+
+    def vm_threads(self) -> set[str]:
+        """Threads whose filter VM was configured (each of them polls discovery)."""
+        return {t for t, msg in self.wasm_log() if msg == "session-affinity: configured"}
+
+    def wait_vms(self, what: str, matches, since: int, count: int = 1, timeout: float = 15.0) -> None:
+        """Waits until every VM thread has logged `count` messages for which
+        `matches(message)` is true after `since`. Fails saying which VMs lag."""
+        deadline = time.time() + timeout
+        while True:
+            vms = self.vm_threads()
+            seen = {t: 0 for t in vms}
+            for t, msg in self.wasm_log(since):
+                if t in seen and matches(msg):
+                    seen[t] += 1
+            if vms and all(n >= count for n in seen.values()):
+                return
+            if time.time() > deadline:
+                pytest.fail(f"not every filter VM logged {what} (x{count}) within {timeout}s: {seen}\n"
+                            f"{self.log_tail(15)}", pytrace=False)
+            time.sleep(0.05)
+
+    def wait_host_set(self, n: int, since: int = 0, timeout: float = 15.0) -> None:
+        """Waits until every filter VM has installed a host set of `n` hosts after
+        `since` (and the gauge shows it)."""
+        want = f"session-affinity: {n} healthy hosts in cluster "
+        self.wait_vms(f"{n} healthy hosts", lambda m: m.startswith(want), since, timeout=timeout)
+        self.wait_healthy_hosts(n, timeout=timeout)
+
     def request(self, method: str = "GET", path: str = "/", headers: dict | list | None = None, body: bytes | None = None) -> "Response":
         return request(self.port, method, path, headers, body)
+
+
+_WASM_LOG = re.compile(r"^\[[^\]]*\]\[(\d+)\]\[\w+\]\[wasm\] .*? wasm log [^:]*: (.*)$")
 
 
 class Response:
@@ -461,6 +547,26 @@ def sign_jwt(claims: dict, key_b64: str = TOKEN_KEY_B64, alg: str = "HS256", kid
 def session_token(sid: str, ttl: int = 3600, **claims) -> str:
     now = int(time.time())
     return sign_jwt({"sid": sid, "iat": now, "exp": now + ttl, **claims})
+
+
+def verify_jwt(token: str, key_b64: str, alg: str = "HS256") -> dict | None:
+    """Independent check of a compact HMAC JWS: the payload when `token` is signed with
+    `key_b64` under `alg` (and says so in its header), else None."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+
+    def seg(s: str) -> bytes:
+        return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+    try:
+        header, payload, sig = json.loads(seg(parts[0])), json.loads(seg(parts[1])), seg(parts[2])
+    except ValueError:
+        return None
+    if header.get("alg") != alg:
+        return None
+    mac = hmac.new(base64.b64decode(key_b64), f"{parts[0]}.{parts[1]}".encode(), _HASHES[alg]).digest()
+    return payload if hmac.compare_digest(mac, sig) else None
 
 
 def decode_jwt_payload(token: str) -> dict:

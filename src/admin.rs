@@ -21,20 +21,28 @@ use crate::hosts::{self, HostSpec};
 /// Bodies larger than this are refused (an admin listing of ~20k hosts fits).
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
-/// Tick and poll interval, in milliseconds, until discovery has seen a healthy host.
-pub const STARTUP_POLL_MS: u64 = 50;
+/// Tick and poll interval, in milliseconds, while discovery polls fast (see [`poll_due`]).
+pub const FAST_POLL_MS: u64 = 50;
+
+/// At most this many fast polls in a row after a change (a flapping cluster must not
+/// turn into 20 admin calls a second for good).
+pub const MAX_SETTLE_POLLS: u32 = 20;
 
 /// True when a discovery poll should start at `now_ms` (none being in flight).
 ///
-/// Until a poll has shown at least one healthy host, every tick polls: at startup the
-/// first polls usually run before Envoy's first health-check round has passed, so they
-/// answer an empty set, and while the set is empty every request is a 503. Waiting
-/// `refresh_ms` for the next poll would keep a freshly started proxy refusing all
-/// traffic for that long after Envoy itself is ready. Once a healthy host has been seen,
-/// polls follow `next_poll_ms` (one `refresh_ms` after the previous one), even when
-/// every host later goes down: an outage does not turn into fast admin polling.
-pub fn poll_due(now_ms: u64, next_poll_ms: u64, seen_healthy: bool) -> bool {
-    !seen_healthy || now_ms >= next_poll_ms
+/// Polls are fast (every tick) while `fast`, that is:
+/// - until a poll has shown at least one healthy host: at startup the first polls
+///   usually run before Envoy's first health-check round has passed, so they answer an
+///   empty set, and while the set is empty every request is a 503;
+/// - right after a poll saw the set change, until a poll sees it unchanged (bounded by
+///   [`MAX_SETTLE_POLLS`]): hosts pass their health checks one at a time, and a set
+///   caught half-way would otherwise be used for a whole `refresh_ms` (in pinned mode,
+///   sessions placed on it stay there).
+///
+/// Otherwise polls follow `next_poll_ms` (one `refresh_ms` after the previous one), even
+/// when every host later goes down: an outage does not turn into fast admin polling.
+pub fn poll_due(now_ms: u64, next_poll_ms: u64, fast: bool) -> bool {
+    fast || now_ms >= next_poll_ms
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,8 +198,8 @@ mod tests {
     }
 
     #[test]
-    fn polls_every_tick_until_a_healthy_host_is_seen() {
-        // (now, next poll, seen a healthy host) -> due
+    fn polls_every_tick_while_fast() {
+        // (now, next poll, fast) -> due
         for (now, next, seen, due) in [
             (0, 0, false, true),
             (10, 500, false, true),
@@ -201,7 +209,7 @@ mod tests {
             (500, 500, true, true),
             (900, 500, true, true),
         ] {
-            assert_eq!(poll_due(now, next, seen), due, "now={now} next={next} seen={seen}");
+            assert_eq!(poll_due(now, next, !seen), due, "now={now} next={next} fast={}", !seen);
         }
     }
 

@@ -135,6 +135,8 @@ struct Root {
     in_flight: Option<u32>,
     next_poll_ms: u64,
     tick_ms: u64,
+    /// Consecutive polls that saw the host set change.
+    settle_polls: u32,
 }
 
 impl Context for Root {
@@ -175,11 +177,16 @@ impl Context for Root {
         }) {
             Ok(change) => {
                 st.scratch.tally.add(Counter::DiscoveryOk);
-                if let Some(set) = change {
-                    log::info!("session-affinity: {} healthy hosts in cluster {}", set.len(), d.cluster);
-                    st.install(set);
-                }
-                let want = if st.seen_healthy { tick_ms(d.refresh_ms, &st) } else { admin::STARTUP_POLL_MS };
+                // After a change, poll fast until the set holds still (admin::poll_due).
+                self.settle_polls = match change {
+                    Some(set) => {
+                        log::info!("session-affinity: {} healthy hosts in cluster {}", set.len(), d.cluster);
+                        st.install(set);
+                        self.settle_polls.saturating_add(1)
+                    }
+                    None => 0,
+                };
+                let want = if self.fast(&st) { admin::FAST_POLL_MS } else { tick_ms(d.refresh_ms, &st) };
                 if self.tick_ms != want {
                     self.tick_ms = want;
                     let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(want));
@@ -204,6 +211,11 @@ fn tick_ms(refresh_ms: u32, st: &State) -> u64 {
 }
 
 impl Root {
+    /// Whether discovery polls on every tick (see [`admin::poll_due`]).
+    fn fast(&self, st: &State) -> bool {
+        !st.seen_healthy || (self.settle_polls > 0 && self.settle_polls <= admin::MAX_SETTLE_POLLS)
+    }
+
     fn poll(&mut self, d: &crate::config::Discovery) {
         let headers = vec![(":method", "GET"), (":path", "/clusters?format=json"), (":authority", "envoy-admin")];
         match proxy_wasm::hostcalls::dispatch_http_call(
@@ -266,11 +278,12 @@ impl RootContext for Root {
                 st.config = Some(Rc::new(config));
                 st.have_hosts = false;
                 st.seen_healthy = false;
+                self.settle_polls = 0;
                 // Poll quickly until a set with a healthy host arrives, then every
                 // refresh_ms (admin::poll_due).
-                self.tick_ms = admin::STARTUP_POLL_MS;
+                self.tick_ms = admin::FAST_POLL_MS;
                 self.next_poll_ms = 0;
-                let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(admin::STARTUP_POLL_MS));
+                let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(admin::FAST_POLL_MS));
                 if let Some(id) = st.gauge_id {
                     let _ = proxy_wasm::hostcalls::record_metric(id, 0);
                 }
@@ -286,12 +299,12 @@ impl RootContext for Root {
             let mut st = self.state.borrow_mut();
             st.flush(now_ms);
             match st.config.as_ref().map(|c| &c.hosts) {
-                Some(Hosts::Discovery(d)) => Some((d.clone(), st.seen_healthy)),
+                Some(Hosts::Discovery(d)) => Some((d.clone(), self.fast(&st))),
                 _ => None,
             }
         };
-        if let Some((d, seen_healthy)) = discovery {
-            if self.in_flight.is_none() && admin::poll_due(now_ms, self.next_poll_ms, seen_healthy) {
+        if let Some((d, fast)) = discovery {
+            if self.in_flight.is_none() && admin::poll_due(now_ms, self.next_poll_ms, fast) {
                 self.next_poll_ms = now_ms + u64::from(d.refresh_ms);
                 self.poll(&d);
             }

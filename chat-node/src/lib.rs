@@ -17,7 +17,7 @@
 //! - [`resp`]: RESP2 encoding and decoding.
 //! - [`http`]: HTTP/1.1 message parsing and writing (server and client side).
 //! - [`config`]: flags and environment.
-//! - [`service`]: the request handler, `Service::handle(&Request) -> Response`, written
+//! - [`service`]: the request handler, `Service::handle(&Request, local address, now) -> Response`, written
 //!   against the [`store::Store`] and [`model::Model`] traits so it is tested with fakes.
 //!
 //! I/O shells:

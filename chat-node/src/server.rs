@@ -203,6 +203,8 @@ fn serve_connection(stream: TcpStream, service: &Service, shutdown: &AtomicBool,
 fn serve_requests(stream: TcpStream, service: &Service, shutdown: &AtomicBool, slots: &Slots) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    // The address Envoy connected to: tells a primary from a fallback (service::Placement).
+    let local = stream.local_addr().ok();
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
@@ -221,7 +223,7 @@ fn serve_requests(stream: TcpStream, service: &Service, shutdown: &AtomicBool, s
         if let Err(e) = http::read_request_body(&mut reader, &mut req, MAX_BODY_BYTES) {
             return refuse(&mut writer, service, &e);
         }
-        let resp = service.handle(&req, unix_now());
+        let resp = service.handle(&req, local, unix_now());
         let keep_alive = req.keep_alive() && !shutdown.load(Ordering::SeqCst);
         http::write_response(&mut writer, &resp, keep_alive, is_head(&req))?;
         if !keep_alive {

@@ -1,4 +1,4 @@
-//! The request handler: `Service::handle(&Request, now) -> Response`, the whole chat
+//! The request handler: `Service::handle(&Request, local, now) -> Response`, the whole chat
 //! policy in one place, written against the [`Store`] and [`Model`] seams so it is
 //! tested natively with an in-memory store.
 //!
@@ -13,6 +13,10 @@
 //!   another node, and on `new` (no ticket: new session or lost cookie) it may have too,
 //!   so both reload from the store. For a new session that costs the same single `GET` a
 //!   cache miss costs anyway.
+//! - Even a `sticky` request reloads when this node is not the first entry of the
+//!   override header ([`OVERRIDE_HEADER`]): Envoy retried it here after the session's
+//!   primary failed, so the conversation lives elsewhere and any memory copy here may be
+//!   stale (see [`Placement`]).
 //! - `x-session-id` is trusted as the identity because the Envoy filter strips every
 //!   client copy; the node itself cannot tell a forged one.
 
@@ -26,6 +30,7 @@ use serde::Deserialize;
 use serde_json::json;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Longest accepted `x-session-id`, in bytes.
@@ -34,6 +39,10 @@ pub const MAX_SESSION_ID_BYTES: usize = 512;
 pub const MAX_CONVERSATION_BYTES: usize = 16 * 1024 * 1024;
 /// Number of striped per-session locks.
 const LOCK_STRIPES: usize = 4096;
+/// The header in which the filter lists the session's primary node first, then its
+/// fallbacks (`ip:port`, IPv6 in brackets); Envoy's `override_host` policy reads it and
+/// passes it on to the node. The filter's default `upstream.override_header`.
+pub const OVERRIDE_HEADER: &str = "x-gateway-destination-endpoint";
 
 /// Where a turn found its conversation (the `context` field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +91,49 @@ impl Affinity {
     }
 }
 
+/// Whether this node is the session's primary, judged from the override header and the
+/// local address of the connection the request came on.
+///
+/// Envoy sends a request to the first entry of the override header and walks the others
+/// only on retries, so a request that arrives at any other entry was retried here after
+/// the primary failed. The filter still says `sticky` (it decided before the retry), but
+/// the conversation has been served elsewhere since this node last saw it: a memory copy
+/// here may be stale (conversation moved A → B, B died, the retry lands on A).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// No override header, or a blank one (no filter in front, or `pass`), or the local
+    /// address is unknown.
+    Unknown,
+    /// This node is the first entry.
+    Primary,
+    /// Another node is the first entry (or the first entry is not an `ip:port`): a retry.
+    Fallback,
+}
+
+impl Placement {
+    /// Compares the first entry of `header` with `local`, the local socket address of the
+    /// connection Envoy opened to this node. IPv4-mapped IPv6 addresses (a dual-stack
+    /// listener) compare equal to their IPv4 form.
+    pub fn of(header: Option<&[u8]>, local: Option<SocketAddr>) -> Placement {
+        let (Some(header), Some(local)) = (header, local) else {
+            return Placement::Unknown;
+        };
+        if header.iter().all(|b| b.is_ascii_whitespace()) {
+            return Placement::Unknown;
+        }
+        let first = header.split(|&b| b == b',').next().unwrap_or_default();
+        let primary = std::str::from_utf8(first).ok().and_then(|f| f.trim().parse::<SocketAddr>().ok());
+        match primary {
+            Some(primary) if same_endpoint(primary, local) => Placement::Primary,
+            _ => Placement::Fallback,
+        }
+    }
+}
+
+fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+}
+
 #[derive(Deserialize)]
 struct ChatBody {
     message: String,
@@ -128,10 +180,11 @@ impl Service {
         &self.stats
     }
 
-    /// Answers one request; `unix_now` is recorded in the stored value.
-    pub fn handle(&self, req: &Request, unix_now: u64) -> Response {
+    /// Answers one request that arrived on a connection whose local socket address is
+    /// `local` (`None` if unknown); `unix_now` is recorded in the stored value.
+    pub fn handle(&self, req: &Request, local: Option<SocketAddr>, unix_now: u64) -> Response {
         let resp = match (req.method.as_str(), req.path()) {
-            ("POST", "/v1/chat") => self.chat(req, unix_now),
+            ("POST", "/v1/chat") => self.chat(req, local, unix_now),
             ("GET" | "HEAD", "/healthz") => Response::text(200, "ok"),
             ("GET" | "HEAD", "/stats") => {
                 let entries = self.lock_cache().len();
@@ -144,7 +197,7 @@ impl Service {
         resp.with_header("x-served-by", &self.node_id)
     }
 
-    fn chat(&self, req: &Request, unix_now: u64) -> Response {
+    fn chat(&self, req: &Request, local: Option<SocketAddr>, unix_now: u64) -> Response {
         Stats::inc(&self.stats.chat_requests);
         let session_id = match session_id(req) {
             Ok(sid) => sid,
@@ -160,12 +213,19 @@ impl Service {
         if affinity == Affinity::Moved {
             Stats::inc(&self.stats.moved);
         }
+        let placement = Placement::of(req.header(OVERRIDE_HEADER), local);
+        // A retry on a fallback node is a move the filter could not see: reload.
+        let retried_here = placement == Placement::Fallback && affinity.trusts_memory();
+        if retried_here {
+            Stats::inc(&self.stats.fallback);
+        }
+        let trust_memory = affinity.trusts_memory() && !retried_here;
 
         let stripe = self.lock_hasher.hash_one(session_id) as usize % self.locks.len();
         let _turn_guard = self.locks[stripe].lock().unwrap_or_else(|e| e.into_inner());
         let key = store_key(session_id);
 
-        let (history, context) = match self.load(session_id, &key, affinity) {
+        let (history, context) = match self.load(session_id, &key, trust_memory) {
             Ok(found) => found,
             Err(resp) => return resp,
         };
@@ -173,6 +233,14 @@ impl Service {
             let previous = req.header("x-session-previous-node").map(String::from_utf8_lossy).unwrap_or_default();
             eprintln!(
                 "node {}: conversation moved here from node {previous:?}: context {}, {} turn(s) so far",
+                self.node_id,
+                context.as_str(),
+                history.turns()
+            );
+        } else if retried_here {
+            let primary = req.header(OVERRIDE_HEADER).map(String::from_utf8_lossy).unwrap_or_default();
+            eprintln!(
+                "node {}: retried here as a fallback (override header {primary:?}): context {}, {} turn(s) so far",
                 self.node_id,
                 context.as_str(),
                 history.turns()
@@ -224,9 +292,10 @@ impl Service {
         )
     }
 
-    /// The conversation before this turn, and where it came from.
-    fn load(&self, session_id: &str, key: &str, affinity: Affinity) -> Result<(Arc<Conversation>, Context), Response> {
-        if affinity.trusts_memory() {
+    /// The conversation before this turn, and where it came from; the memory copy is
+    /// used only if `trust_memory`.
+    fn load(&self, session_id: &str, key: &str, trust_memory: bool) -> Result<(Arc<Conversation>, Context), Response> {
+        if trust_memory {
             if let Some(found) = self.lock_cache().get(&session_id.to_owned()) {
                 return Ok((found, Context::Memory));
             }
@@ -324,7 +393,7 @@ mod tests {
 
     fn chat(svc: &Service, sid: &str, affinity: Option<&str>, message: &str) -> (u16, Value) {
         let body = json!({ "message": message }).to_string();
-        let resp = svc.handle(&post(Some(sid), affinity, &body), 1_700_000_000);
+        let resp = svc.handle(&post(Some(sid), affinity, &body), None, 1_700_000_000);
         assert_eq!(resp.header("x-served-by"), Some(svc.node_id()));
         (resp.status, serde_json::from_slice(&resp.body).unwrap())
     }
@@ -423,7 +492,7 @@ mod tests {
             (Some("s"), r#"{"message":3}"#, "bad_request"),
         ];
         for (sid, body, code) in table {
-            let resp = a.handle(&post(sid, None, body), 0);
+            let resp = a.handle(&post(sid, None, body), None, 0);
             assert_eq!(resp.status, 400, "{sid:?} {body}");
             assert_eq!(resp.header("content-type"), Some("application/json"));
             let v: Value = serde_json::from_slice(&resp.body).unwrap();
@@ -431,7 +500,7 @@ mod tests {
         }
         let mut non_utf8 = post(None, None, r#"{"message":"hi"}"#);
         non_utf8.headers.push(("x-session-id".into(), b"\xff\xfe".to_vec()));
-        assert_eq!(a.handle(&non_utf8, 0).status, 400);
+        assert_eq!(a.handle(&non_utf8, None, 0).status, 400);
         assert!(store.raw("sa:conv:{s}").is_none());
         assert_eq!(a.stats().bad_requests.load(Ordering::Relaxed), 9);
     }
@@ -475,16 +544,16 @@ mod tests {
             headers: vec![],
             body: vec![],
         };
-        let health = a.handle(&req("GET", "/healthz"), 0);
+        let health = a.handle(&req("GET", "/healthz"), None, 0);
         assert_eq!((health.status, health.body.as_slice()), (200, &b"ok"[..]));
         assert_eq!(health.header("x-served-by"), Some("node-1"));
-        let stats = a.handle(&req("GET", "/stats?x"), 0);
+        let stats = a.handle(&req("GET", "/stats?x"), None, 0);
         let v: Value = serde_json::from_slice(&stats.body).unwrap();
         assert_eq!(v["turns"], 0);
         assert_eq!(v["node"], "node-1");
-        assert_eq!(a.handle(&req("GET", "/v1/chat"), 0).status, 405);
-        assert_eq!(a.handle(&req("POST", "/healthz"), 0).status, 405);
-        assert_eq!(a.handle(&req("GET", "/nope"), 0).status, 404);
+        assert_eq!(a.handle(&req("GET", "/v1/chat"), None, 0).status, 405);
+        assert_eq!(a.handle(&req("POST", "/healthz"), None, 0).status, 405);
+        assert_eq!(a.handle(&req("GET", "/nope"), None, 0).status, 404);
     }
 
     #[test]
@@ -517,5 +586,75 @@ mod tests {
         }
         let stored = store.raw("sa:conv:{shared}").unwrap();
         assert_eq!(Conversation::decode(&stored, "shared").unwrap().turns(), 200);
+    }
+
+    fn chat_via(svc: &Service, local: &str, header: &str, sid: &str, message: &str) -> (u16, Value) {
+        let body = json!({ "message": message }).to_string();
+        let mut req = post(Some(sid), Some("sticky"), &body);
+        req.headers.push((OVERRIDE_HEADER.to_string(), header.as_bytes().to_vec()));
+        let resp = svc.handle(&req, Some(local.parse().unwrap()), 1_700_000_000);
+        (resp.status, serde_json::from_slice(&resp.body).unwrap())
+    }
+
+    #[test]
+    fn placement_compares_the_first_entry_with_the_local_address() {
+        use Placement::*;
+        let table: [(Option<&str>, Option<&str>, Placement); 12] = [
+            (None, Some("127.0.0.1:8001"), Unknown),
+            (Some("127.0.0.1:8001"), None, Unknown),
+            (Some(" "), Some("127.0.0.1:8001"), Unknown),
+            (Some(" ,127.0.0.1:8001"), Some("127.0.0.1:8001"), Fallback),
+            (Some("127.0.0.1:8001"), Some("127.0.0.1:8001"), Primary),
+            (Some(" 127.0.0.1:8001 ,127.0.0.1:8002"), Some("127.0.0.1:8001"), Primary),
+            (Some("127.0.0.1:8002,127.0.0.1:8001"), Some("127.0.0.1:8001"), Fallback),
+            (Some("127.0.0.1:8002"), Some("127.0.0.1:8001"), Fallback),
+            (Some("127.0.0.2:8001"), Some("127.0.0.1:8001"), Fallback),
+            (Some("[2001:db8::1]:8080,10.0.0.1:8080"), Some("[2001:db8::1]:8080"), Primary),
+            // A dual-stack listener sees IPv4 peers on IPv4-mapped addresses.
+            (Some("10.0.0.1:8080"), Some("[::ffff:10.0.0.1]:8080"), Primary),
+            (Some("node-a:8080,10.0.0.1:8080"), Some("10.0.0.1:8080"), Fallback),
+        ];
+        for (header, local, want) in table {
+            let got = Placement::of(header.map(str::as_bytes), local.map(|l| l.parse().unwrap()));
+            assert_eq!(got, want, "{header:?} on {local:?}");
+        }
+        assert_eq!(Placement::of(Some(b"\xff:1"), Some("10.0.0.1:1".parse().unwrap())), Fallback);
+    }
+
+    #[test]
+    fn a_retry_on_a_fallback_node_reloads_a_stale_memory_copy() {
+        // A serves turns 1-2, the conversation moves to B for turns 3-4, B dies and
+        // Envoy retries turn 5 on A, which the filter still calls `sticky`.
+        let store = Arc::new(MemoryStore::new());
+        let (a, b) = (node("node-1", &store), node("node-2", &store));
+        let (addr_a, addr_b) = ("127.0.0.1:8001", "127.0.0.1:8002");
+        let on_a = format!("{addr_a},{addr_b}");
+        let on_b = format!("{addr_b},{addr_a}");
+        for m in ["1", "2"] {
+            let (status, _) = chat_via(&a, addr_a, &on_a, "s", m);
+            assert_eq!(status, 200);
+        }
+        let (_, v) = chat(&b, "s", Some("moved"), "3");
+        assert_eq!(turn_context(&v), (3, "store"));
+        let (_, v) = chat_via(&b, addr_b, &on_b, "s", "4");
+        assert_eq!(turn_context(&v), (4, "memory"));
+
+        let (status, v) = chat_via(&a, addr_a, &on_b, "s", "5");
+        assert_eq!(status, 200);
+        assert_eq!(turn_context(&v), (5, "store"));
+        assert_eq!(v["history_digest"], digest_of(["1", "2", "3", "4", "5"]));
+        assert_eq!(a.stats().fallback.load(Ordering::Relaxed), 1);
+        // The reload refreshed A's copy: once A is the primary again, memory is right.
+        let (_, v) = chat_via(&a, addr_a, &on_a, "s", "6");
+        assert_eq!(turn_context(&v), (6, "memory"));
+        assert_eq!(v["history_digest"], digest_of(["1", "2", "3", "4", "5", "6"]));
+        assert_eq!(a.stats().fallback.load(Ordering::Relaxed), 1);
+        // `moved` on a fallback is a reload anyway, counted once, as moved.
+        let body = json!({ "message": "7" }).to_string();
+        let mut req = post(Some("s"), Some("moved"), &body);
+        req.headers.push((OVERRIDE_HEADER.to_string(), on_b.as_bytes().to_vec()));
+        let v: Value = serde_json::from_slice(&a.handle(&req, Some(addr_a.parse().unwrap()), 0).body).unwrap();
+        assert_eq!(turn_context(&v), (7, "store"));
+        assert_eq!(a.stats().fallback.load(Ordering::Relaxed), 1);
     }
 }

@@ -20,6 +20,10 @@ pub struct Stats {
     pub new_conversations: AtomicU64,
     /// Requests marked `x-session-affinity: moved`.
     pub moved: AtomicU64,
+    /// Requests not marked `moved` that reached this node although it is not the first
+    /// entry of the override header (an Envoy retry after the primary failed): reloaded
+    /// from the store like `moved`.
+    pub fallback: AtomicU64,
     /// Requests refused with a 4xx.
     pub bad_requests: AtomicU64,
     /// Failed Redis attempts (connection errors, error replies, timeouts).
@@ -59,6 +63,7 @@ impl Stats {
             "store_loads": get(&self.store_loads),
             "new_conversations": get(&self.new_conversations),
             "moved": get(&self.moved),
+            "fallback": get(&self.fallback),
             "bad_requests": get(&self.bad_requests),
             "redis_errors": get(&self.redis_errors),
             "redis_retries": get(&self.redis_retries),

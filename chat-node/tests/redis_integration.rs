@@ -158,7 +158,13 @@ impl Node {
     }
 
     fn chat(&self, sid: &str, affinity: Option<&str>, message: &str) -> (u16, Value) {
+        self.chat_with(sid, affinity, &[], message)
+    }
+
+    /// A turn with extra request headers (e.g. Envoy's override header).
+    fn chat_with(&self, sid: &str, affinity: Option<&str>, extra: &[(&str, String)], message: &str) -> (u16, Value) {
         let mut headers = vec![("x-session-id", sid.to_string())];
+        headers.extend(extra.iter().cloned());
         if let Some(a) = affinity {
             headers.push(("x-session-affinity", a.to_string()));
         }
@@ -287,6 +293,47 @@ fn conversation_moves_between_nodes_without_losing_turns() {
     assert_eq!(stats["new_conversations"], 1);
     assert_eq!(stats["moved"], 1);
     assert!(a.log_lines().iter().any(|l| l.contains("moved here from node \"somewhere\"")));
+}
+
+#[test]
+fn a_sticky_retry_on_a_fallback_node_reloads_from_redis() {
+    // The scenario Envoy's retries create: the conversation moved from A to B, B died,
+    // and Envoy retried the next turn on A (the override header's second entry). The
+    // filter decided before the retry, so A is told `sticky`, yet its memory copy is
+    // two turns old. A compares the header's first entry with the local address of the
+    // connection and reloads.
+    let redis = Redis::start();
+    let a = Node::start("node-1", &redis.addr(), &[], &[]);
+    let b = Node::start("node-2", &redis.addr(), &[], &[]);
+    let via =
+        |first: &Node, second: &Node| [("x-gateway-destination-endpoint", format!("{},{}", first.addr, second.addr))];
+    let mut said: Vec<&str> = Vec::new();
+    for m in ["one", "two"] {
+        said.push(m);
+        let (status, v) = a.chat_with("conv-f", Some("sticky"), &via(&a, &b), m);
+        assert_eq!(status, 200, "{v}");
+    }
+    for (m, ctx) in [("three", "store"), ("four", "memory")] {
+        said.push(m);
+        let affinity = if m == "three" { "moved" } else { "sticky" };
+        let (_, v) = b.chat_with("conv-f", Some(affinity), &via(&b, &a), m);
+        assert_eq!(turn_context(&v), (said.len() as u64, ctx.to_string()));
+    }
+
+    said.push("five");
+    let (status, v) = a.chat_with("conv-f", Some("sticky"), &via(&b, &a), "five");
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(turn_context(&v), (5, "store".to_string()));
+    assert_eq!(v["history_digest"], digest(&said));
+
+    // A is the primary again: its refreshed memory copy is used.
+    said.push("six");
+    let (_, v) = a.chat_with("conv-f", Some("sticky"), &via(&a, &b), "six");
+    assert_eq!(turn_context(&v), (6, "memory".to_string()));
+    assert_eq!(v["history_digest"], digest(&said));
+    assert_eq!(a.stats()["fallback"], 1);
+    assert_eq!(b.stats()["fallback"], 0);
+    assert!(a.log_lines().iter().any(|l| l.contains("retried here as a fallback")));
 }
 
 #[test]

@@ -35,13 +35,56 @@ impl ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    /// One line, always: control characters that came from the document (a key or an
+    /// enum value with an escaped newline) are shown escaped.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() || self.field == "." {
-            write!(f, "{}", self.message)
+        if !(self.field.is_empty() || self.field == ".") {
+            write_one_line(f, &self.field)?;
+            f.write_str(": ")?;
+        }
+        write_one_line(f, &self.message)
+    }
+}
+
+fn write_one_line(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
+    for c in s.chars() {
+        if c.is_control() {
+            write!(f, "{}", c.escape_default())?;
         } else {
-            write!(f, "{}: {}", self.field, self.message)
+            fmt::Write::write_char(f, c)?;
         }
     }
+    Ok(())
+}
+
+/// Removes the string values serde quotes in its messages (`invalid type: string "…",
+/// expected struct RawKey`): the value may be a secret put in the wrong place, and
+/// errors are logged.
+fn redact_strings(msg: &str) -> String {
+    const MARK: &str = "string \"";
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find(MARK) {
+        out.push_str(&rest[..i + "string".len()]);
+        // Skip the quoted value (Debug-escaped: `\"` and `\\` inside).
+        let body = &rest[i + MARK.len()..];
+        let mut end = body.len();
+        let mut escaped = false;
+        for (j, c) in body.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => {
+                    end = j + 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        rest = body.get(end..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -287,7 +330,7 @@ impl Config {
                 Some(i) => msg[..i].to_string(),
                 None => msg,
             };
-            ConfigError::new(json_path_at(bytes, e.line(), e.column()), msg)
+            ConfigError::new(json_path_at(bytes, e.line(), e.column()), redact_strings(&msg))
         })?;
         Config::try_from_raw(raw, env)
     }
@@ -546,9 +589,14 @@ pub fn json_path_at(text: &[u8], line: usize, column: usize) -> String {
                 while j < text.len() && text[j] != b'"' {
                     j += if text[j] == b'\\' { 2 } else { 1 };
                 }
-                if let (true, Some(Frame::Object { key })) = (expect_key, stack.last_mut()) {
+                // A member name is the one string before a `:`; any other string is a
+                // value (never put a value, which may be a secret, into the path).
+                let colon_follows =
+                    text.get(j + 1..).and_then(|t| t.iter().find(|b| !b.is_ascii_whitespace())) == Some(&b':');
+                if let (true, true, Some(Frame::Object { key })) = (expect_key, colon_follows, stack.last_mut()) {
                     *key = Some(String::from_utf8_lossy(text.get(start..j).unwrap_or_default()).into_owned());
                 }
+                expect_key = false;
                 i = j + 1;
                 continue;
             }

@@ -18,7 +18,7 @@ use crate::headers::{self, Header};
 use crate::hosts::{self, HostSet};
 use crate::memo::{Memos, TokenFacts};
 use crate::metrics::{Counter, NodeSlots, Outcome, Tally};
-use crate::ticket::Ticket;
+use crate::ticket::{Ticket, MAX_TICKET_BYTES};
 use crate::token::{self, TokenError};
 
 /// What to do with a request.
@@ -381,9 +381,13 @@ pub fn respond(
         };
         if fresh {
             let t = tc.tickets.issue(session, node, now);
-            add.push(("set-cookie", cookie(&tc.cookie, &t, tc.tickets.ttl_seconds)));
-            add.push((TICKET_HEADER, t));
-            tally.add(Counter::TicketIssued);
+            // A session id long enough to make the ticket larger than verify accepts
+            // (about 650 bytes) gets no ticket: it could never come back usable.
+            if t.len() <= MAX_TICKET_BYTES {
+                add.push(("set-cookie", cookie(&tc.cookie, &t, tc.tickets.ttl_seconds)));
+                add.push((TICKET_HEADER, t));
+                tally.add(Counter::TicketIssued);
+            }
         }
     }
     add

@@ -198,8 +198,9 @@ impl<'de> Deserialize<'de> for Claim<'de> {
 }
 
 /// Reads the members `names` of a JSON object, skipping the others without building
-/// them. `None` when `json` is not one JSON object or repeats a member name (any name:
-/// `{"sid":"a","sid":"b"}` is refused, not read as either).
+/// them. `None` when `json` is not one JSON object, is not UTF-8 (anywhere: serde_json
+/// skips an unread member's string without checking it) or repeats a member name (any
+/// name: `{"sid":"a","sid":"b"}` is refused, not read as either).
 pub fn members<'a, const N: usize>(json: &'a [u8], names: [&str; N]) -> Option<[Option<Claim<'a>>; N]> {
     struct Seed<'n, const N: usize> {
         names: [&'n str; N],
@@ -233,6 +234,7 @@ pub fn members<'a, const N: usize>(json: &'a [u8], names: [&str; N]) -> Option<[
             Ok(out)
         }
     }
+    std::str::from_utf8(json).ok()?;
     let mut de = serde_json::Deserializer::from_slice(json);
     let out = Seed { names }.deserialize(&mut de).ok()?;
     de.end().ok()?;

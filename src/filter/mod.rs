@@ -337,10 +337,24 @@ struct Stream {
 
 const UPSTREAM_ADDRESS: &[u8] = b"upstream\0address";
 
+/// TEST ONLY (Cargo feature `test-trap`, never in a production build): traps the VM when
+/// the request (request phase) or the upstream's response (response phase) carries
+/// `x-sa-test-trap: <phase>`, so the e2e tests can show what Envoy's `failure_policy` does
+/// with a failed VM. The one deliberate panic of the crate.
+#[cfg(feature = "test-trap")]
+#[allow(clippy::panic)]
+fn test_trap(map: MapType, phase: &[u8]) {
+    if raw::header(map, "x-sa-test-trap").as_deref() == Some(phase) {
+        panic!("session-affinity test-trap: trapping in the {} phase", String::from_utf8_lossy(phase));
+    }
+}
+
 impl Context for Stream {}
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        #[cfg(feature = "test-trap")]
+        test_trap(MapType::HttpRequestHeaders, b"request");
         // Without the headers the filter can neither strip spoofed ones nor find the
         // token: refuse rather than forward unfiltered (never expected from Envoy).
         let map = raw::header_map(MapType::HttpRequestHeaders);
@@ -394,6 +408,8 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        #[cfg(feature = "test-trap")]
+        test_trap(MapType::HttpResponseHeaders, b"response");
         let Phase::Forwarded(pending) = std::mem::replace(&mut self.phase, Phase::Done) else {
             return Action::Continue;
         };

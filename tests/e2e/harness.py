@@ -608,3 +608,37 @@ def node_id(key: str) -> str:
 
 def metric_label(address: str) -> str:
     return "".join("_" if c in ".:[]" else c for c in address)
+
+
+# --------------------------------------------------------------------------------------
+# Hardening: the test-only trapping build, and how a failed filter VM shows in the log.
+
+TRAP_WASM = Path(os.environ.get("SA_TRAP_WASM", ROOT / "target" / "trap" / "wasm32-wasip1" / "release" / "session_affinity.wasm"))
+
+
+def require_trap_wasm() -> Path:
+    """The filter built with the TEST-ONLY `test-trap` feature (it traps on request)."""
+    if not TRAP_WASM.is_file():
+        pytest.fail(f"The test-trap build of the filter is missing: {TRAP_WASM}. Run `make trap-wasm` (or `make test`).",
+                    pytrace=False)
+    return TRAP_WASM
+
+
+# What Envoy 1.40 (V8) writes when the filter's VM fails, as seen in test_failure_policy.py
+# (which checks that a real trap does print them, so their absence elsewhere means
+# something): the SDK's panic hook logs the Rust panic at critical level
+#   [critical][wasm] ... wasm log session_affinity session_affinity: panicked at src/...
+# and V8 reports the trap
+#   [error][wasm] ... Function: proxy_on_request_headers failed: Uncaught RuntimeError: unreachable
+# The other patterns cover other ways a VM can fail (start-up, other traps). Not a bare
+# "unreachable": the filter's own discovery warning says "unreachable or timed out".
+WASM_FAILURE_PATTERNS = re.compile(
+    r"panicked at|Uncaught RuntimeError|Function: proxy_on_\w+ failed|wasm trap|Wasm VM failed|"
+    r"Plugin configured to fail closed|failed to (?:start|initialize) (?:the )?(?:wasm|VM)",
+    re.IGNORECASE,
+)
+
+
+def wasm_failures(log_text: str) -> list[str]:
+    """Lines of an Envoy log that show a filter VM failure (panic, trap, VM failed)."""
+    return [line for line in log_text.splitlines() if WASM_FAILURE_PATTERNS.search(line)]

@@ -5,8 +5,8 @@
 #   make run     the whole harness: Redis Cluster, Envoy, three chat nodes (Ctrl-C stops)
 #   make lint    rustfmt + clippy -D warnings, native and wasm32
 #   make bench   benchmarks -> bench/RESULTS.md, bench/results.json (not part of test)
-#   make fuzz    cargo fuzz, each target FUZZ_SECONDS (default 60)
-#   make soak    steady load under faults, bounded
+#   make fuzz    cargo fuzz, each target FUZZ_SECONDS (default 60): scripts/fuzz.sh
+#   make soak    steady load under faults, ~5 min (SOAK_ARGS="--minutes 2") -> bench/SOAK.md, bench/soak.json
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -19,13 +19,16 @@ PY := $(VENV)/bin/python
 ENVOY := $(VENV)/bin/envoy
 WASM_TARGET := wasm32-wasip1
 WASM := target/$(WASM_TARGET)/release/session_affinity.wasm
+# TEST ONLY: the filter built with the `test-trap` feature (it traps on request), for
+# tests/e2e/test_failure_policy.py. Its own target dir, so it never replaces $(WASM).
+TRAP_WASM := target/trap/$(WASM_TARGET)/release/session_affinity.wasm
 CHAT_NODE := target/release/chat-node
 PYTEST_ARGS ?=
 
 FILTER_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 CHAT_SRC := $(shell find chat-node/src -name '*.rs') chat-node/Cargo.toml Cargo.lock
 
-.PHONY: build test unit e2e lint fmt run demo bench fuzz soak clean deps wasm-target wasm-opt venv redis chat-node
+.PHONY: build trap-wasm test unit e2e lint fmt run demo bench fuzz soak clean deps wasm-target wasm-opt venv redis chat-node
 
 ## Toolchain and tools -----------------------------------------------------------------
 
@@ -66,6 +69,11 @@ $(WASM): $(FILTER_SRC) | wasm-target wasm-opt
 
 build: $(WASM)
 
+$(TRAP_WASM): $(FILTER_SRC) | wasm-target
+	cargo build --release --target $(WASM_TARGET) -p session-affinity --features test-trap --target-dir target/trap
+
+trap-wasm: $(TRAP_WASM)
+
 $(CHAT_NODE): $(CHAT_SRC)
 	cargo build --release -p chat-node
 
@@ -76,10 +84,10 @@ chat-node: $(CHAT_NODE)
 unit:
 	cargo test --workspace
 
-e2e: deps $(WASM) $(CHAT_NODE)
+e2e: deps $(WASM) $(TRAP_WASM) $(CHAT_NODE)
 	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
-test: deps $(WASM) $(CHAT_NODE)
+test: deps $(WASM) $(TRAP_WASM) $(CHAT_NODE)
 	cargo test --workspace
 	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
@@ -101,15 +109,17 @@ demo: deps $(WASM) $(CHAT_NODE)
 
 ## Measure ------------------------------------------------------------------------------
 
+BENCH_ARGS ?=
 bench: deps $(WASM)
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 FUZZ_SECONDS ?= 60
 fuzz:
 	scripts/fuzz.sh $(FUZZ_SECONDS)
 
+SOAK_ARGS ?=
 soak: deps $(WASM) $(CHAT_NODE)
-	$(PY) scripts/soak.py
+	$(PY) scripts/soak.py $(SOAK_ARGS)
 
 clean:
 	cargo clean

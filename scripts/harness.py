@@ -790,7 +790,8 @@ class Conversation:
     """A client conversation through Envoy: keeps the cookies the filter sets (session
     token and affinity ticket), sends turns, and checks `turn` and `history_digest`
     against its own record. A turn answered with an error is not acknowledged: the
-    client sends the same message again (DESIGN: the retry becomes the same turn)."""
+    client sends the same message again, numbered the same (`"turn"`), so the retry
+    becomes the same turn even if the failed attempt was applied."""
 
     port: int
     name: str
@@ -847,7 +848,10 @@ class Conversation:
             headers = {"content-type": "application/json"}
             if self.cookies:
                 headers["cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-            conn.request("POST", "/v1/chat", body=json.dumps({"message": message}).encode(), headers=headers)
+            # `turn`: a retry of a turn the node applied but whose reply was lost is
+            # answered again instead of being applied twice (docs/chat-node.md).
+            body = {"message": message, "turn": len(self.said) + 1}
+            conn.request("POST", "/v1/chat", body=json.dumps(body).encode(), headers=headers)
             r = conn.getresponse()
             return r.status, r.read(), [v for k, v in r.getheaders() if k.lower() == "set-cookie"]
         except (OSError, http.client.HTTPException) as e:

@@ -19,6 +19,11 @@
 //!   stale (see [`Placement`]).
 //! - `x-session-id` is trusted as the identity because the Envoy filter strips every
 //!   client copy; the node itself cannot tell a forged one.
+//! - A request that says which turn it is (the optional body field `turn`) is applied
+//!   only as the next turn. If the conversation already ends with that very turn, an
+//!   earlier attempt was applied and its reply lost (a client timeout, a node killed
+//!   between the store write and the reply): it is answered again from the conversation,
+//!   never applied twice. Any other mismatch is a 409.
 
 use crate::conversation::{store_key, Conversation};
 use crate::http::{Request, Response};
@@ -137,6 +142,38 @@ fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
 #[derive(Deserialize)]
 struct ChatBody {
     message: String,
+    /// The turn number the client expects this message to become: its acknowledged
+    /// turns + 1. Optional; without it every request is appended.
+    #[serde(default)]
+    turn: Option<u64>,
+}
+
+/// How a request's `turn` relates to the conversation it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TurnCheck {
+    /// No `turn`, or the conversation has `turn - 1` turns: append.
+    Next,
+    /// The conversation's last turn is this turn with this message: a retry of a turn
+    /// already applied. Answer it again, do not append.
+    Replay,
+    /// Anything else: the client and the conversation disagree.
+    Conflict,
+}
+
+impl TurnCheck {
+    fn of(history: &Conversation, turn: Option<u64>, message: &str) -> TurnCheck {
+        let Some(turn) = turn else {
+            return TurnCheck::Next;
+        };
+        let have = history.turns();
+        if turn == have + 1 {
+            TurnCheck::Next
+        } else if turn == have && turn > 0 && history.user_messages().last() == Some(message) {
+            TurnCheck::Replay
+        } else {
+            TurnCheck::Conflict
+        }
+    }
 }
 
 /// Node state shared by every connection thread.
@@ -203,8 +240,11 @@ impl Service {
             Ok(sid) => sid,
             Err(resp) => return self.bad_request(resp),
         };
-        let message = match serde_json::from_slice::<ChatBody>(&req.body) {
-            Ok(body) => body.message,
+        let (message, turn) = match serde_json::from_slice::<ChatBody>(&req.body) {
+            Ok(ChatBody { turn: Some(0), .. }) => {
+                return self.bad_request(error(400, "bad_request", "body: turn must be at least 1"));
+            }
+            Ok(body) => (body.message, body.turn),
             Err(e) => {
                 return self.bad_request(error(400, "bad_request", &format!("body: {e}")));
             }
@@ -245,6 +285,23 @@ impl Service {
                 context.as_str(),
                 history.turns()
             );
+        }
+
+        match TurnCheck::of(&history, turn, &message) {
+            TurnCheck::Next => {}
+            TurnCheck::Replay => return self.replay(session_id, &key, history, context, unix_now),
+            TurnCheck::Conflict => {
+                let have = history.turns();
+                self.remember(session_id, history);
+                return self.bad_request(error(
+                    409,
+                    "turn_conflict",
+                    &format!(
+                        "this message was sent as turn {} but the conversation has {have} turn(s)",
+                        turn.unwrap_or(0)
+                    ),
+                ));
+            }
         }
 
         let reply = match self.model.reply(&history, &message) {
@@ -290,6 +347,43 @@ impl Service {
                 "history_digest": next.digest(),
             }),
         )
+    }
+
+    /// Answers a retried turn that an earlier attempt already applied: the stored reply
+    /// of the last turn, after writing the conversation again (as every acknowledgement
+    /// follows a store write; it also re-replicates a write a failed-over Redis master
+    /// may have lost).
+    fn replay(
+        &self,
+        session_id: &str,
+        key: &str,
+        history: Arc<Conversation>,
+        context: Context,
+        unix_now: u64,
+    ) -> Response {
+        let value = history.encode(session_id, &self.node_id, unix_now);
+        if let Err(e) = self.store.set_ex(key, &value, self.ttl_seconds) {
+            Stats::inc(&self.stats.store_failures);
+            self.remember(session_id, history);
+            return store_error(&e);
+        }
+        Stats::inc(&self.stats.replayed);
+        eprintln!(
+            "node {}: turn {} was already applied (a retry whose earlier reply was lost): answered again",
+            self.node_id,
+            history.turns()
+        );
+        let reply = history.messages().last().map(|m| m.content.clone()).unwrap_or_default();
+        let body = json!({
+            "reply": reply,
+            "turn": history.turns(),
+            "node": self.node_id,
+            "context": context.as_str(),
+            "history_digest": history.digest(),
+            "replayed": true,
+        });
+        self.remember(session_id, history);
+        Response::json(200, &body)
     }
 
     /// The conversation before this turn, and where it came from; the memory copy is
@@ -586,6 +680,91 @@ mod tests {
         }
         let stored = store.raw("sa:conv:{shared}").unwrap();
         assert_eq!(Conversation::decode(&stored, "shared").unwrap().turns(), 200);
+    }
+
+    fn chat_turn(svc: &Service, sid: &str, affinity: Option<&str>, message: &str, turn: u64) -> (u16, Value) {
+        let body = json!({ "message": message, "turn": turn }).to_string();
+        let resp = svc.handle(&post(Some(sid), affinity, &body), None, 1_700_000_000);
+        (resp.status, serde_json::from_slice(&resp.body).unwrap())
+    }
+
+    fn stored_turns(store: &MemoryStore, sid: &str) -> u64 {
+        let raw = store.raw(&store_key(sid)).unwrap();
+        Conversation::decode(&raw, sid).unwrap().turns()
+    }
+
+    #[test]
+    fn a_retry_of_an_applied_turn_is_answered_again_not_applied_twice() {
+        // The client sent turn 2, the node stored it, and the reply never arrived (client
+        // timeout, node killed after the write): the client sends turn 2 again.
+        let store = Arc::new(MemoryStore::new());
+        let (a, b) = (node("node-1", &store), node("node-2", &store));
+        assert_eq!(chat_turn(&a, "s", Some("new"), "hello", 1).0, 200);
+        let (_, first) = chat_turn(&a, "s", Some("sticky"), "again", 2);
+        assert_eq!(turn_context(&first), (2, "memory"));
+
+        // Same node, from memory.
+        let (status, v) = chat_turn(&a, "s", Some("sticky"), "again", 2);
+        assert_eq!(status, 200);
+        assert_eq!(turn_context(&v), (2, "memory"));
+        assert_eq!((&v["reply"], &v["replayed"]), (&first["reply"], &json!(true)));
+        assert_eq!(v["history_digest"], digest_of(["hello", "again"]));
+        assert_eq!(stored_turns(&store, "s"), 2);
+        // Another node (the retry was routed elsewhere), from the store.
+        let (status, v) = chat_turn(&b, "s", Some("moved"), "again", 2);
+        assert_eq!(status, 200);
+        assert_eq!(turn_context(&v), (2, "store"));
+        assert_eq!(v["reply"], first["reply"]);
+        assert_eq!(stored_turns(&store, "s"), 2);
+        assert_eq!((a.stats().replayed.load(Ordering::Relaxed), b.stats().replayed.load(Ordering::Relaxed)), (1, 1));
+        assert_eq!(a.stats().turns.load(Ordering::Relaxed), 2);
+
+        // The conversation goes on at turn 3, and the same text twice in a row is two
+        // turns when the client numbers them so.
+        let (_, v) = chat_turn(&b, "s", Some("sticky"), "again", 3);
+        assert_eq!(turn_context(&v), (3, "memory"));
+        assert!(v.get("replayed").is_none());
+        assert_eq!(v["history_digest"], digest_of(["hello", "again", "again"]));
+
+        // Without `turn` the node cannot tell a retry from a new turn: appended.
+        let (_, v) = chat(&b, "s", Some("sticky"), "again");
+        assert_eq!(turn_context(&v), (4, "memory"));
+    }
+
+    #[test]
+    fn a_turn_that_does_not_follow_the_conversation_is_409() {
+        let store = Arc::new(MemoryStore::new());
+        let a = node("node-1", &store);
+        for (i, m) in ["1", "2", "3"].iter().enumerate() {
+            assert_eq!(chat_turn(&a, "s", None, m, i as u64 + 1).0, 200);
+        }
+        // Ahead of the conversation (the node has lost turns), behind it, and the last
+        // turn's number with another message.
+        for (message, turn) in [("5", 5), ("4", 2), ("x", 3)] {
+            let (status, v) = chat_turn(&a, "s", None, message, turn);
+            assert_eq!((status, v["error"].as_str()), (409, Some("turn_conflict")), "{message} as turn {turn}");
+        }
+        let (status, v) = chat_turn(&a, "s", None, "0", 0);
+        assert_eq!((status, v["error"].as_str()), (400, Some("bad_request")));
+        assert_eq!(stored_turns(&store, "s"), 3);
+        assert_eq!(a.stats().bad_requests.load(Ordering::Relaxed), 4);
+        // The conversation is untouched and goes on.
+        let (_, v) = chat_turn(&a, "s", None, "4", 4);
+        assert_eq!(turn_context(&v), (4, "memory"));
+        assert_eq!(v["history_digest"], digest_of(["1", "2", "3", "4"]));
+    }
+
+    #[test]
+    fn a_replay_that_cannot_be_stored_is_503() {
+        let store = Arc::new(MemoryStore::new());
+        let a = node("node-1", &store);
+        chat_turn(&a, "s", None, "1", 1);
+        store.set_down(true);
+        let (status, v) = chat_turn(&a, "s", None, "1", 1);
+        assert_eq!((status, v["error"].as_str()), (503, Some("store_unavailable")));
+        store.set_down(false);
+        let (status, v) = chat_turn(&a, "s", None, "1", 1);
+        assert_eq!((status, turn_context(&v), &v["replayed"]), (200, (1, "memory"), &json!(true)));
     }
 
     fn chat_via(svc: &Service, local: &str, header: &str, sid: &str, message: &str) -> (u16, Value) {

@@ -24,6 +24,9 @@ pub struct Stats {
     /// entry of the override header (an Envoy retry after the primary failed): reloaded
     /// from the store like `moved`.
     pub fallback: AtomicU64,
+    /// Retried turns that an earlier attempt had already applied, answered again
+    /// instead of being applied twice (the request's `turn` matched the last turn).
+    pub replayed: AtomicU64,
     /// Requests refused with a 4xx.
     pub bad_requests: AtomicU64,
     /// Failed Redis attempts (connection errors, error replies, timeouts).
@@ -64,6 +67,7 @@ impl Stats {
             "new_conversations": get(&self.new_conversations),
             "moved": get(&self.moved),
             "fallback": get(&self.fallback),
+            "replayed": get(&self.replayed),
             "bad_requests": get(&self.bad_requests),
             "redis_errors": get(&self.redis_errors),
             "redis_retries": get(&self.redis_retries),

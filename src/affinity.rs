@@ -125,17 +125,35 @@ pub fn rank<C: Candidate>(session: &[u8], hosts: &[C]) -> Vec<usize> {
 /// Hosts grouped by weight, the shape [`top_k`] needs. Built once per host set.
 #[derive(Clone, Debug, Default)]
 pub struct WeightClasses {
-    /// `(weight, indices of the hosts with that weight)`.
-    classes: Vec<(u32, Vec<usize>)>,
+    classes: Vec<Class>,
+}
+
+/// The hosts of one weight, with their hashes stored contiguously so that the scan of
+/// [`top_k`] reads one dense array.
+#[derive(Clone, Debug, Default)]
+struct Class {
+    weight: u32,
+    /// Indices into the host slice.
+    members: Vec<usize>,
+    /// `h64` of each member, in the same order.
+    h64s: Vec<u64>,
 }
 
 impl WeightClasses {
-    pub fn new(weights: impl Iterator<Item = u32>) -> Self {
-        let mut classes: Vec<(u32, Vec<usize>)> = Vec::new();
-        for (i, w) in weights.enumerate() {
-            match classes.iter_mut().find(|(cw, _)| *cw == w) {
-                Some((_, members)) => members.push(i),
-                None => classes.push((w, vec![i])),
+    pub fn new<C: Candidate>(hosts: &[C]) -> Self {
+        let mut classes: Vec<Class> = Vec::new();
+        for (i, h) in hosts.iter().enumerate() {
+            let w = h.weight();
+            let pos = match classes.iter().position(|c| c.weight == w) {
+                Some(p) => p,
+                None => {
+                    classes.push(Class { weight: w, ..Class::default() });
+                    classes.len() - 1
+                }
+            };
+            if let Some(c) = classes.get_mut(pos) {
+                c.members.push(i);
+                c.h64s.push(h.h64());
             }
         }
         WeightClasses { classes }
@@ -156,11 +174,17 @@ pub fn top_k<C: Candidate>(session_h64: u64, hosts: &[C], classes: &WeightClasse
     // Candidates: (score, mix, index). At most k per weight class.
     let mut finalists: Vec<(f64, u64, usize)> = Vec::with_capacity(k * classes.classes.len());
     let mut best: Vec<(u64, usize)> = Vec::with_capacity(k + 1);
-    for (weight, members) in &classes.classes {
+    for class in &classes.classes {
         best.clear();
-        for &i in members {
+        // Once `best` holds k hosts, a mix below its last one cannot enter: most hosts
+        // are rejected by this one comparison.
+        let mut floor = 0u64;
+        for (&hh, &i) in class.h64s.iter().zip(&class.members) {
+            let m = mix(session_h64, hh);
+            if best.len() == k && m < floor {
+                continue;
+            }
             let Some(host) = hosts.get(i) else { continue };
-            let m = mix(session_h64, host.h64());
             // Keep `best` sorted by (mix desc, key asc), length <= k.
             if best.len() == k {
                 if let Some(&(last_m, last_i)) = best.last() {
@@ -176,8 +200,11 @@ pub fn top_k<C: Candidate>(session_h64: u64, hosts: &[C], classes: &WeightClasse
                 .unwrap_or(best.len());
             best.insert(pos, (m, i));
             best.truncate(k);
+            if best.len() == k {
+                floor = best.last().map_or(0, |b| b.0);
+            }
         }
-        finalists.extend(best.iter().map(|&(m, i)| (score(*weight, m), m, i)));
+        finalists.extend(best.iter().map(|&(m, i)| (score(class.weight, m), m, i)));
     }
     finalists.sort_by(|a, b| better((a.0, a.1, key_str(hosts, a.2)), (b.0, b.1, key_str(hosts, b.2))));
     out.extend(finalists.iter().take(k).map(|&(_, _, i)| i));
@@ -223,7 +250,7 @@ mod tests {
             (0..40).map(|i| (format!("10.0.{}.{}:80", i / 7, i), 1 + (i % 4) as u32)).collect();
         let keys: Vec<(&str, u32)> = owned.iter().map(|(k, w)| (k.as_str(), *w)).collect();
         let hosts = cands(&keys);
-        let classes = WeightClasses::new(hosts.iter().map(|h| h.weight()));
+        let classes = WeightClasses::new(&hosts);
         let mut out = Vec::new();
         for s in 0..500 {
             let session = format!("session-{s}");
@@ -241,7 +268,7 @@ mod tests {
         let hosts =
             vec![Plain { key: "b:1".into(), h64: 7, weight: 1 }, Plain { key: "a:1".into(), h64: 7, weight: 1 }];
         assert_eq!(rank(b"x", &hosts), vec![1, 0]);
-        let classes = WeightClasses::new(hosts.iter().map(|h| h.weight()));
+        let classes = WeightClasses::new(&hosts);
         let mut out = Vec::new();
         top_k(h64(b"x"), &hosts, &classes, 1, &mut out);
         assert_eq!(out, vec![1]);

@@ -106,7 +106,7 @@ impl HostSet {
                 slot: 0,
             });
         }
-        let classes = WeightClasses::new(hosts.iter().map(|h| h.weight));
+        let classes = WeightClasses::new(&hosts);
         Ok(HostSet { specs, hosts, classes, by_node, by_address })
     }
 

@@ -312,7 +312,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream { state: self.state.clone(), phase: Phase::Start }))
+        Some(Box::new(Stream { state: self.state.clone(), phase: Phase::Start, nanos: 0 }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -333,6 +333,10 @@ enum Phase {
 struct Stream {
     state: Rc<RefCell<State>>,
     phase: Phase,
+    /// Host time when the request headers arrived; the response phase reuses it (its
+    /// uses, a ticket's `iat` and the flush timer, do not need a fresher clock, and a
+    /// host call is the dearest thing a request does).
+    nanos: u64,
 }
 
 const UPSTREAM_ADDRESS: &[u8] = b"upstream\0address";
@@ -372,6 +376,7 @@ impl HttpContext for Stream {
             return Action::Pause;
         };
         let nanos = now_nanos();
+        self.nanos = nanos;
         let now = (nanos / 1_000_000_000) as i64;
         let mut st = self.state.borrow_mut();
         let Some(cfg) = st.config.clone() else { return Action::Continue };
@@ -417,7 +422,7 @@ impl HttpContext for Stream {
         let address = address.as_deref().and_then(|a| std::str::from_utf8(a).ok());
         let status = raw::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u32>().ok()));
-        let nanos = now_nanos();
+        let nanos = self.nanos;
         let mut st = self.state.borrow_mut();
         let Some(cfg) = st.config.clone() else { return Action::Continue };
         let hosts = st.hosts.clone();
@@ -444,7 +449,7 @@ impl HttpContext for Stream {
         if let Phase::Forwarded(_) = self.phase {
             let mut st = self.state.borrow_mut();
             st.scratch.tally.add(Counter::UpstreamErrors);
-            st.maybe_flush(now_nanos() / 1_000_000);
+            st.maybe_flush(self.nanos / 1_000_000);
         }
     }
 }

@@ -14,7 +14,7 @@
 //!   request path `get_header_map_pairs`, `get_current_time`, three `replace_header`
 //!   (`x-gateway-destination-endpoint: <override>`, `x-session-id: <session>`,
 //!   `x-session-affinity: sticky`); response path `get_property upstream.address`,
-//!   `get_header :status`, `get_current_time`. The returned buffers are taken and dropped;
+//!   `get_header :status` (the request's time is reused). The returned buffers are taken and dropped;
 //!   no parsing, hashing or HMAC. Behind an `override_host` cluster, Envoy then routes
 //!   exactly as it does for session-affinity.
 //! - `repeat|<call>|<n>`: `noop`, plus one kind of host call made `n` times per request,

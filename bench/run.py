@@ -33,17 +33,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-sys.path.insert(0, str(BENCH))
 
-import envoy_configs as ec  # noqa: E402
-import harness  # noqa: E402  (free ports, HS256 signing, the independent affinity function)
-import report  # noqa: E402
+import envoy_configs as ec  # bench/ (the script's own directory)
+import report
+import sa_harness as harness  # Envoy, free ports, HS256 signing, the independent affinity function
 
 ENVOY = harness.ENVOY_BIN
 SA_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "session_affinity.wasm"
@@ -79,6 +76,8 @@ _procs: list[subprocess.Popen] = []
 
 
 def _cleanup(*_a) -> None:
+    for e in _envoys:
+        e.kill()
     for p in _procs:
         if p.poll() is None:
             try:
@@ -104,60 +103,15 @@ def cpus() -> tuple[list[str], list[str]]:
 SUT_CPU, LOAD_CPU = cpus()
 
 
-class EnvoyProc:
-    def __init__(self, name: str, cfg: dict, workdir: Path, concurrency: int = 1, pin: list[str] | None = None):
-        self.name, self.cfg, self.workdir = name, cfg, workdir
-        self.admin_port = cfg["admin"]["address"]["socket_address"]["port_value"]
-        self.port = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
-        path = workdir / f"{name}.json"
-        path.write_text(json.dumps(cfg, indent=1))
-        self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            (pin or []) + [str(ENVOY), "-c", str(path), "--concurrency", str(concurrency), "--disable-hot-restart",
-                           "--log-level", "warn"],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=str(ROOT))
-        _procs.append(self.proc)
+_envoys: list[harness.Envoy] = []
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Envoy {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        harness.wait_port("127.0.0.1", self.port, timeout=10)
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"Envoy {self.name} not ready after {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def admin(self, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=10) as r:
-            return r.read().decode()
-
-    def cpu_ticks(self) -> int:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+def start_envoy(name: str, cfg: dict, workdir: Path, concurrency: int = 1, pin: list[str] | None = None
+                ) -> harness.Envoy:
+    """An Envoy under `workdir`, started (not yet ready: call `wait_ready`), killed at exit."""
+    e = harness.Envoy(cfg, workdir, concurrency=concurrency, name=name, log_level="warn", pin=pin)
+    _envoys.append(e)
+    return e.start(wait=False)
 
 
 def run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -240,13 +194,6 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
-def percentile(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    i = max(1, min(len(sorted_values), int(-(-len(sorted_values) * p // 1)))) - 1
-    return sorted_values[i]
-
-
 # --------------------------------------------------------------------------------------
 # The arms.
 
@@ -255,15 +202,15 @@ class Bench:
     def __init__(self, args, settings: dict, workdir: Path):
         self.args, self.s, self.workdir = args, settings, workdir
         self.results: dict = {"settings": settings, "quick": args.quick}
-        self.backend: EnvoyProc | None = None
-        self.arms: dict[str, EnvoyProc] = {}
+        self.backend: harness.Envoy | None = None
+        self.arms: dict[str, harness.Envoy] = {}
         self.headers: dict[str, list[tuple[str, str]]] = {}
         self.commands: dict[str, str] = {}
 
     # The backend: one Envoy, direct_response on 0.0.0.0, pinned away from the arms.
     def start_backend(self) -> None:
         self.bport = harness.free_port()
-        self.backend = EnvoyProc("backend", ec.backend(self.bport, harness.free_port()), self.workdir, pin=LOAD_CPU)
+        self.backend = start_envoy("backend", ec.backend(self.bport, harness.free_port()), self.workdir, pin=LOAD_CPU)
         self.backend.wait_ready()
 
     def arm_hosts(self, kind: str) -> list[str]:
@@ -282,7 +229,7 @@ class Bench:
                          hosts=self.arm_hosts(kind), noop_wasm=str(NOOP_WASM), sa_wasm=str(SA_WASM),
                          token_key_b64=harness.TOKEN_KEY_B64, ticket_key_b64=harness.TICKET_KEY_B64, jwks_k=jwks_k,
                          hostcalls=f"hostcalls|{','.join(want)}|{SESSION}")
-            self.arms[kind] = EnvoyProc(f"arm-{kind}", cfg, self.workdir, pin=SUT_CPU)
+            self.arms[kind] = start_envoy(f"arm-{kind}", cfg, self.workdir, pin=SUT_CPU)
         for p in self.arms.values():
             p.wait_ready()
 
@@ -495,7 +442,7 @@ end
             cfg = ec.arm("B", listen=harness.free_port(), admin=harness.free_port(), hosts=self.arm_hosts("B"),
                          noop_wasm=str(NOOP_WASM), sa_wasm=str(SA_WASM), token_key_b64=harness.TOKEN_KEY_B64,
                          ticket_key_b64=harness.TICKET_KEY_B64, jwks_k=jwks_k, noop=f"repeat|{call}|{REPEAT}")
-            procs[name] = EnvoyProc(f"arm-{name}", cfg, self.workdir, pin=SUT_CPU)
+            procs[name] = start_envoy(f"arm-{name}", cfg, self.workdir, pin=SUT_CPU)
         for p in procs.values():
             p.wait_ready()
         self.arms.update(procs)
@@ -667,7 +614,7 @@ end
         cfg = ec.distribution(listen=harness.free_port(), admin=harness.free_port(), sets=sets, access_log=str(access),
                               filter_listeners=fl, sa_wasm=str(SA_WASM), token_key_b64=harness.TOKEN_KEY_B64,
                               ticket_key_b64=harness.TICKET_KEY_B64)
-        env = EnvoyProc("dist", cfg, self.workdir, concurrency=2)
+        env = start_envoy("dist", cfg, self.workdir, concurrency=2)
         env.wait_ready()
         t0 = time.time()
         jobs = []

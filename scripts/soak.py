@@ -6,14 +6,14 @@ injected on a schedule; exits 1 if any turn was lost or the filter's VM failed.
     .venv/bin/python scripts/soak.py --minutes 2     # shorter
     .venv/bin/python scripts/soak.py --help
 
-The harness is the one `make run` starts (scripts/harness.py: Redis Cluster 3 masters +
+The harness is the one `make run` starts (sa_harness.Stack: Redis Cluster 3 masters +
 3 replicas, Envoy 1.40 with the reference envoy/envoy.yaml and the filter, chat nodes),
 with two differences, both forced by the faults:
 
 - Envoy's `chat_nodes` cluster reads a file-based EDS (`.run/soak/eds.json`) instead of
   the reference STATIC endpoints, so a 4th node can be added and removed while Envoy
   runs: the soak rewrites the file (temp file + rename; Envoy watches the path). Every
-  other line of the reference config is kept (`tests/e2e/harness.py: harness_config`).
+  other line of the reference config is kept (`sa_harness.harness_config`).
 - Ports are DESIGN section 8's plus an offset (default: the first of 500, 600, ... whose
   every port is free), all below Linux's ephemeral range (32768+). A killed node's or
   Redis master's port stays free until its restart; an ephemeral port could meanwhile be
@@ -58,11 +58,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
-import importlib.util
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -77,18 +75,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-# scripts/harness.py (the processes) and tests/e2e/harness.py (the Envoy config builder,
-# EDS writer): both are called `harness`, so load them under distinct names.
-orch = _load("orchestration", ROOT / "scripts" / "harness.py")
-e2e = _load("e2e_harness", ROOT / "tests" / "e2e" / "harness.py")
+import sa_harness as orch  # noqa: E402  (the harness package: processes, Envoy, stats)
 
 RUN_DIR = ROOT / ".run" / "soak"
 OFFSETS = (500, 600, 700, 800, 900, 100, 200, 300, 400)
@@ -121,12 +108,7 @@ def pick_ports(offset: int | None) -> tuple[orch.Ports, int, int]:
 # What the clients saw.
 
 
-def digest(messages) -> str:
-    """DESIGN section 8: SHA-256 of the user messages, each followed by "\\n"."""
-    h = hashlib.sha256()
-    for m in messages:
-        h.update(m.encode() + b"\n")
-    return h.hexdigest()
+digest = orch.history_digest
 
 
 @dataclass
@@ -306,19 +288,8 @@ WORDS = ["the weather", "a recipe for bread", "Rust lifetimes", "a trip to Lisbo
 
 def envoy_healthy(envoy: orch.Envoy) -> list[int] | None:
     """Ports of the chat nodes Envoy counts healthy (the filter's criteria)."""
-    try:
-        doc = json.loads(envoy.admin("/clusters?format=json", timeout=2))
-    except (OSError, ValueError):
-        return None
-    bad = ("failed_active_health_check", "failed_outlier_check", "pending_dynamic_removal",
-           "excluded_via_immediate_hc_fail")
-    for c in doc.get("cluster_statuses", []):
-        if c.get("name") == "chat_nodes":
-            return sorted(
-                h["address"]["socket_address"]["port_value"] for h in c.get("host_statuses", [])
-                if h.get("health_status", {}).get("eds_health_status", "HEALTHY") in ("HEALTHY", "DEGRADED")
-                and not any(h.get("health_status", {}).get(f) for f in bad))
-    return None
+    healthy = envoy.healthy_addresses("chat_nodes")
+    return None if healthy is None else sorted(int(a.rsplit(":", 1)[1]) for a in healthy)
 
 
 def redis_roles(cluster: orch.RedisCluster) -> dict[int, str]:
@@ -442,10 +413,10 @@ class Faults:
             return f"pid {node.pid}, listening"
         if e.action.startswith("add chat node"):
             self.node4.start()
-            e2e.write_eds(self.eds, self.hosts(True))
+            orch.write_eds(self.eds, self.hosts(True))
             return f"pid {self.node4.pid} on {self.node4.port}; EDS has 4 hosts"
         if e.action == "remove chat node from EDS":
-            e2e.write_eds(self.eds, self.hosts(False))
+            orch.write_eds(self.eds, self.hosts(False))
             return "EDS has 3 hosts"
         if e.action == "SIGTERM removed chat node":
             self.scrape(self.node4)
@@ -470,46 +441,19 @@ class Faults:
 # --------------------------------------------------------------------------------------
 # Wasm failures.
 
-# Envoy's own messages when a proxy-wasm VM fails (a Rust panic is logged by the SDK's
-# panic hook, then the trap by Envoy), and anything critical.
-WASM_FAILURE = re.compile(
-    r"panicked at|RuntimeError|Uncaught|wasm trap|Function: proxy_\w+ failed|VM (?:has )?failed|"
-    r"failed to (?:load|start|initialize)|Plugin configured to fail|\]\[critical\]", re.IGNORECASE)
-
-
 def wasm_failures(log: str) -> list[str]:
-    """Lines of Envoy's log that show a VM failure: the patterns above, any error or
-    critical line of the wasm logger, and whatever tests/e2e/harness.py's own check
-    (proven against a real trap by the failure-policy tests) finds, when it has one."""
-    theirs = set(getattr(e2e, "wasm_failures", lambda _: [])(log))
-    hits = []
-    for line in log.splitlines():
-        is_wasm_error = "][wasm]" in line and ("][error]" in line or "][critical]" in line)
-        if is_wasm_error or WASM_FAILURE.search(line) or line in theirs:
-            hits.append(line[:300])
-    return hits
+    """Lines of Envoy's log that show a VM failure (sa_harness.wasm_failures, proven
+    against a real trap by the failure-policy tests) or any error or critical line of
+    Envoy's wasm logger."""
+    return orch.wasm_failures(log, any_wasm_error=True)
 
 
 def vm_stats(envoy: orch.Envoy) -> dict[str, int]:
-    out = {}
-    for line in envoy.admin("/stats?filter=^wasm\\.").splitlines():
-        name, _, value = line.partition(": ")
-        try:
-            out[name] = int(value)
-        except ValueError:
-            pass
-    return out
+    return envoy.counters("^wasm\\.")
 
 
 def envoy_counters(envoy: orch.Envoy, regex: str) -> dict[str, int]:
-    out = {}
-    for line in envoy.admin(f"/stats?filter={regex}").splitlines():
-        name, _, value = line.partition(": ")
-        try:
-            out[name] = int(value)
-        except ValueError:
-            pass
-    return out
+    return envoy.counters(regex)
 
 
 # --------------------------------------------------------------------------------------
@@ -536,15 +480,7 @@ def artifacts() -> dict[str, str]:
             "chat_node_sha256": sha(orch.CHAT_NODE_BIN)}
 
 
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "max": None, "n": 0}
-    v = sorted(values)
-
-    def p(q: float) -> float:
-        return round(v[min(len(v) - 1, int(q * len(v)))], 1)
-
-    return {"p50": p(0.50), "p90": p(0.90), "p99": p(0.99), "max": round(v[-1], 1), "n": len(v)}
+percentiles = orch.percentiles
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -586,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     RUN_DIR.mkdir(parents=True)
     eds = RUN_DIR / "eds.json"
-    cfg = e2e.harness_config(listen=ports.listen, admin=ports.admin, hosts=[("127.0.0.1", p, 1) for p in ports.nodes],
+    cfg = orch.harness_config(listen=ports.listen, admin=ports.admin, hosts=[("127.0.0.1", p, 1) for p in ports.nodes],
                              eds_path=eds, redis_listen=ports.redis_proxy, redis_seeds=ports.redis_seeds)
     # The built-in deterministic model, whatever the caller's environment says.
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}

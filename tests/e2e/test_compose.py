@@ -1,6 +1,6 @@
 """envoy/docker-compose.yml cannot run here (no Docker engine), so it is kept honest by
 reading it: the same topology, ports, commands and mounted Envoy config as the native
-harness (scripts/harness.py and envoy/envoy.yaml)."""
+harness (sa_harness and envoy/envoy.yaml)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from pathlib import Path
 
 import yaml
 
-import harness
-from fullstack import orchestration
+import sa_harness as harness
 
 COMPOSE = harness.ROOT / "envoy" / "docker-compose.yml"
 COMPOSE_DIR = COMPOSE.parent
-PORTS = orchestration.Ports()  # DESIGN section 8
+PORTS = harness.Ports()  # DESIGN section 8
 
 
 def compose() -> dict:
@@ -99,7 +98,7 @@ def test_ports_match_the_native_harness_and_envoy_yaml():
             redis_ports.append(port)
             assert name == f"redis-{port}"
             # The native harness's flags, with the data in the container's volume.
-            assert cmd == ["redis-server", "--port", str(port), *orchestration.redis_cluster_flags(), "--dir", "/data"]
+            assert cmd == ["redis-server", "--port", str(port), *harness.redis_cluster_flags(), "--dir", "/data"]
             assert svc["volumes"] == [f"redis-{port}:/data"]
             assert svc["healthcheck"]["test"] == ["CMD", "redis-cli", "-p", str(port), "ping"]
     assert sorted(redis_ports) == list(PORTS.redis) == [7001, 7002, 7003, 7004, 7005, 7006]

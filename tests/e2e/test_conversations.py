@@ -13,10 +13,9 @@ import hashlib
 import threading
 import time
 
-import harness
-from fullstack import full_stack, orchestration  # noqa: F401  (fixture)
+import sa_harness as harness
 
-Conversation = orchestration.Conversation
+Conversation = harness.Conversation
 
 
 def digest(messages) -> str:
@@ -57,8 +56,8 @@ def wait_stats(stack, want: dict[str, int], timeout: float = 10.0) -> dict[str, 
         return all(got.get(k, 0) == v for k, v in want.items())
 
     try:
-        orchestration.wait_for(check, timeout, "stats")
-    except orchestration.HarnessError:
+        harness.wait_for(check, timeout, "stats")
+    except harness.HarnessError:
         diff = {k: (got.get(k, 0), v) for k, v in want.items() if got.get(k, 0) != v}
         raise AssertionError(f"stats (got, want): {diff}") from None
     return got
@@ -74,7 +73,7 @@ def retries(convs: list[Conversation]) -> int:
 def test_fifty_conversations_of_six_turns(full_stack):
     stack = full_stack()
     convs = conversations(stack, 50)
-    orchestration.run_turns(convs, message, 6)
+    harness.run_turns(convs, message, 6)
 
     assert_contiguous(convs, 6)
     for c in convs:
@@ -98,7 +97,7 @@ def test_fifty_conversations_of_six_turns(full_stack):
 def test_killed_chat_node_loses_no_turn(full_stack):
     stack = full_stack()
     convs = conversations(stack, 40)
-    orchestration.run_turns(convs, message, 3)
+    harness.run_turns(convs, message, 3)
     home = {c.name: c.turns[-1].node for c in convs}
     counts = {n.node_id: sum(1 for h in home.values() if h == n.node_id) for n in stack.nodes}
     victim = stack.node(max(counts, key=counts.get))
@@ -106,7 +105,7 @@ def test_killed_chat_node_loses_no_turn(full_stack):
 
     victim.kill()  # no pause: the first turns race Envoy's health checks
     t0 = time.monotonic()
-    orchestration.run_turns(convs, message, 3)
+    harness.run_turns(convs, message, 3)
     print(f"turns 4-6 took {time.monotonic() - t0:.1f}s; client retries: {retries(convs)}")
 
     assert_contiguous(convs, 6)
@@ -142,7 +141,7 @@ def test_killed_chat_node_loses_no_turn(full_stack):
 def test_killed_redis_master_fails_over_without_losing_turns(full_stack):
     stack = full_stack()
     convs = conversations(stack, 30)
-    orchestration.run_turns(convs, message, 2)
+    harness.run_turns(convs, message, 2)
 
     # The master that holds the most of these conversations.
     owners = {c.name: stack.redis.master_for(f"sa:conv:{{{c.session_id}}}") for c in convs}
@@ -164,7 +163,7 @@ def test_killed_redis_master_fails_over_without_losing_turns(full_stack):
                     promoted["master"] = time.monotonic() - t0
                 if "master" in promoted and stack.redis.ok():
                     promoted["ok"] = time.monotonic() - t0
-            except (orchestration.HarnessError, OSError):
+            except (harness.HarnessError, OSError):
                 pass
             time.sleep(0.05)
 
@@ -172,7 +171,7 @@ def test_killed_redis_master_fails_over_without_losing_turns(full_stack):
     stack.redis.node(victim_port).kill()
     watcher = threading.Thread(target=watch, args=(t0,), daemon=True)
     watcher.start()
-    orchestration.run_turns(convs, message, 4)
+    harness.run_turns(convs, message, 4)
     elapsed = time.monotonic() - t0
     watcher.join(timeout=60)
     slowest = max(t.seconds for c in convs for t in c.turns[2:])
@@ -196,7 +195,7 @@ def test_killed_redis_master_fails_over_without_losing_turns(full_stack):
 def test_whole_harness_restart_resumes_from_redis(full_stack):
     stack = full_stack()
     convs = conversations(stack, 20)
-    orchestration.run_turns(convs, message, 3)
+    harness.run_turns(convs, message, 3)
     before = {c.name: c.turns[-1].node for c in convs}
     redis_pids = [n.pid for n in stack.redis.nodes]
 
@@ -210,7 +209,7 @@ def test_whole_harness_restart_resumes_from_redis(full_stack):
     print(f"restart of the whole harness took {time.monotonic() - t0:.1f}s")
     assert not set(redis_pids) & {n.pid for n in stack.redis.nodes}
 
-    orchestration.run_turns(convs, message, 3)
+    harness.run_turns(convs, message, 3)
     assert_contiguous(convs, 6)
     for c in convs:
         # Same ports, so the affinity ticket still names a live node: sticky, and that

@@ -33,8 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import harness
-from harness import join_address, rank
+import sa_harness as harness
+from sa_harness import join_address, rank
 
 
 def start_trap_envoy(stack, policy: str, hosts: list[tuple[str, int, int]]) -> harness.Envoy:

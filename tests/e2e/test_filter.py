@@ -10,8 +10,8 @@ import subprocess
 import time
 import uuid
 
-import harness
-from harness import join_address, rank, sign_jwt
+import sa_harness as harness
+from sa_harness import join_address, rank, sign_jwt
 
 KEYS = [
     {"kid": "k1", "alg": "HS256", "secret_base64": harness.TOKEN_KEY_B64},

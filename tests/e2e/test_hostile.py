@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-import harness
-from harness import TICKET_KEY_B64, TOKEN_KEY_B64, b64url, join_address, node_id, rank, sign_jwt
+import sa_harness as harness
+from sa_harness import TICKET_KEY_B64, TOKEN_KEY_B64, b64url, join_address, node_id, rank, sign_jwt
 
 RESERVED = ["x-gateway-destination-endpoint", "x-session-id", "x-session-affinity", "x-session-previous-node"]
 OUTCOMES = ["new", "sticky", "moved", "unaffined", "rejected", "no_host"]

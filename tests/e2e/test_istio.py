@@ -12,7 +12,7 @@ import subprocess
 
 import yaml
 
-import harness
+import sa_harness as harness
 
 ISTIO = harness.ROOT / "envoy" / "istio"
 

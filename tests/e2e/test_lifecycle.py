@@ -24,8 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import harness
-from harness import node_id
+import sa_harness as harness
+from sa_harness import node_id
 
 TOKEN_TTL = 86400  # mint.ttl_seconds of the reference config
 TICKET_TTL = 86400

@@ -12,8 +12,7 @@ import time
 
 import yaml
 
-import harness
-from fullstack import full_stack, orchestration  # noqa: F401  (fixture)
+import sa_harness as harness
 
 RULES = harness.ROOT / "envoy" / "observability" / "prometheus-rules.yaml"
 DASHBOARD = harness.ROOT / "envoy" / "observability" / "grafana-dashboard.json"
@@ -45,8 +44,8 @@ def value(series, name: str, **labels) -> float | None:
 def test_labelled_series_after_known_traffic(full_stack):
     stack = full_stack()
     port = stack.ports.listen
-    convs = [orchestration.Conversation(port, f"obs{i}") for i in range(10)]
-    orchestration.run_turns(convs, lambda c, t: f"{c.name} {t}", 3)
+    convs = [harness.Conversation(port, f"obs{i}") for i in range(10)]
+    harness.run_turns(convs, lambda c, t: f"{c.name} {t}", 3)
 
     # Two rejected tokens, with known reasons.
     now = int(time.time())
@@ -62,7 +61,7 @@ def test_labelled_series_after_known_traffic(full_stack):
     victim = stack.node(max(set(homes), key=homes.count))
     victim.kill()
     stack.wait_healthy(2)
-    orchestration.run_turns(convs, lambda c, t: f"{c.name} {t}", 1)
+    harness.run_turns(convs, lambda c, t: f"{c.name} {t}", 1)
     moved = homes.count(victim.node_id)
 
     per_node: dict[str, int] = {}
@@ -93,8 +92,8 @@ def test_labelled_series_after_known_traffic(full_stack):
         return all(value(series, n, **l) == v for n, l, v in want)
 
     try:
-        orchestration.wait_for(all_there, 10, "the expected Prometheus samples")
-    except orchestration.HarnessError:
+        harness.wait_for(all_there, 10, "the expected Prometheus samples")
+    except harness.HarnessError:
         diff = [(n, l, value(series, n, **l), v) for n, l, v in want if value(series, n, **l) != v]
         raise AssertionError(f"(series, labels, got, want): {diff}") from None
     # The tags took the per-node name apart: no unlabelled per-node series is left.

@@ -11,7 +11,7 @@ import secrets
 
 import yaml
 
-import harness
+import sa_harness as harness
 
 
 def readme_snippet() -> dict:

@@ -1,7 +1,7 @@
 """A tiny upstream for real-Envoy tests: answers every request with who served it and
 which headers it saw, so a test can check routing and header stripping.
 
-    python backend.py --port 8001 --name node-1 [--host 127.0.0.1 ...]
+    python -m sa_harness.backend_server --port 8001 --name node-1 [--host 127.0.0.1 ...]
 
 `GET /healthz` answers 200 `ok` unless the file given by --unhealthy-file exists (503).
 Run it as its own process: a test kills the process to simulate a dead node.

@@ -1,7 +1,7 @@
 """A stand-in for Envoy's admin API, for the discovery fault tests: the filter's
 `admin_cluster` points here instead of at the real admin.
 
-    python fake_admin.py --port P --upstream-port ADMIN --mode-file FILE
+    python -m sa_harness.fake_admin_server --port P --upstream-port ADMIN --mode-file FILE
 
 Each request reads the mode from FILE (`proxy` when the file is missing or empty):
 

@@ -6,6 +6,7 @@
 #   make lint    rustfmt + clippy -D warnings, native and wasm32
 #   make bench   benchmarks -> bench/RESULTS.md, bench/results.json (not part of test)
 #   make fuzz    cargo fuzz, each target FUZZ_SECONDS (default 60): scripts/fuzz.sh
+#   make fuzz-build  build every fuzz target (CI checks they compile)
 #   make soak    steady load under faults, ~5 min (SOAK_ARGS="--minutes 2") -> bench/SOAK.md, bench/soak.json
 
 SHELL := bash
@@ -28,7 +29,7 @@ PYTEST_ARGS ?=
 FILTER_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 CHAT_SRC := $(shell find chat-node/src -name '*.rs') chat-node/Cargo.toml Cargo.lock
 
-.PHONY: build trap-wasm test unit e2e lint fmt run demo bench fuzz soak clean deps wasm-target wasm-opt venv redis chat-node
+.PHONY: build trap-wasm test unit e2e lint fmt run demo bench fuzz fuzz-build soak clean deps wasm-target wasm-opt venv redis chat-node
 
 ## Toolchain and tools -----------------------------------------------------------------
 
@@ -119,6 +120,9 @@ bench: deps $(WASM)
 FUZZ_SECONDS ?= 60
 fuzz:
 	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+fuzz-build:
+	scripts/fuzz.sh --build-only
 
 SOAK_ARGS ?=
 soak: deps $(WASM) $(CHAT_NODE)

@@ -4,6 +4,7 @@
 # invariant, leaks, or hangs; the reproducer is left in fuzz/artifacts/<target>/.
 #
 #   scripts/fuzz.sh [SECONDS]          (default 60; `make fuzz FUZZ_SECONDS=...`)
+#   scripts/fuzz.sh --build-only       build every target and stop (`make fuzz-build`, CI)
 #   FUZZ_TARGETS="token ticket" scripts/fuzz.sh 30      only some targets
 #
 # Seeds (committed) are read from fuzz/seeds/<target>/; new interesting inputs go to
@@ -12,8 +13,10 @@
 # RUSTC_BOOTSTRAP=1. Targets are built with debug assertions (overflow checks on).
 set -euo pipefail
 
+BUILD_ONLY=0
+if [[ "${1:-}" == "--build-only" ]]; then BUILD_ONLY=1; shift; fi
 SECS="${1:-60}"
-[[ "$SECS" =~ ^[0-9]+$ ]] || { echo "usage: $0 [SECONDS]" >&2; exit 2; }
+[[ "$SECS" =~ ^[0-9]+$ ]] || { echo "usage: $0 [--build-only] [SECONDS]" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 export RUSTC_BOOTSTRAP=1
 
@@ -36,6 +39,10 @@ dict_for() {
 
 echo "building fuzz targets (debug assertions on)..."
 (cd fuzz && cargo fuzz build --debug-assertions)
+if [[ $BUILD_ONLY -eq 1 ]]; then
+  echo "built: $(echo $ALL_TARGETS | wc -w) fuzz targets ($(echo $ALL_TARGETS))"
+  exit 0
+fi
 
 start_all=$(date +%s)
 declare -a summary

@@ -32,7 +32,33 @@ def message(c: Conversation, turn: int) -> str:
 
 
 def conversations(stack, n: int, prefix: str = "c") -> list[Conversation]:
+    """New visitors: the filter mints their sessions (random ids)."""
     return [Conversation(stack.ports.listen, f"{prefix}{i}") for i in range(n)]
+
+
+def placed_conversations(stack, per_node: list[int], prefix: str) -> list[Conversation]:
+    """Conversations whose session ids (signed tokens, fixed ids) are chosen by the
+    independent ranking so that `per_node[i]` of them rank `stack.nodes[i]` first: which
+    node a fixed id ranks first depends on the nodes' (free) ports, so choosing the ids
+    makes the placement exact instead of lucky."""
+    hosts = [(n.address, 1) for n in stack.nodes]
+    left = list(per_node)
+    out = []
+    for i in range(100_000):
+        sid = f"{prefix}-{i}"
+        k = [n.address for n in stack.nodes].index(harness.rank(sid, hosts)[0])
+        if left[k]:
+            left[k] -= 1
+            out.append(Conversation(stack.ports.listen, sid, cookies={"session_token": harness.session_token(sid)}))
+        if not any(left):
+            return out
+    raise AssertionError("not enough session ids with the wanted placement")
+
+
+def ranked_first(stack, c: Conversation) -> str:
+    """The node id of the chat node the independent ranking puts first for `c`."""
+    best = harness.rank(c.session_id, [(n.address, 1) for n in stack.nodes])[0]
+    return stack.node_by_address(best).node_id
 
 
 def assert_contiguous(convs: list[Conversation], turns: int) -> None:
@@ -90,17 +116,20 @@ def test_fifty_conversations_of_six_turns(full_stack):
     for n in stack.nodes:
         want[f"node.{harness.metric_label(n.address)}.requests"] = served.get(n.node_id, 0)
     wait_stats(stack, want)
-    # Rendezvous hashing spreads 50 sessions over all three nodes.
-    assert len(served) == 3, served
+    # Each conversation on the node its ranking puts first.
+    for c in convs:
+        assert c.turns[0].node == ranked_first(stack, c), c.name
+    print(f"turns per node: {served}")
 
 
 def test_killed_chat_node_loses_no_turn(full_stack):
     stack = full_stack()
-    convs = conversations(stack, 40)
+    convs = placed_conversations(stack, [14, 13, 13], "killed")
     harness.run_turns(convs, message, 3)
     home = {c.name: c.turns[-1].node for c in convs}
     counts = {n.node_id: sum(1 for h in home.values() if h == n.node_id) for n in stack.nodes}
-    victim = stack.node(max(counts, key=counts.get))
+    assert counts == {"node-1": 14, "node-2": 13, "node-3": 13}, counts
+    victim = stack.node("node-1")
     print(f"conversations per node after turn 3: {counts}; SIGKILL {victim.node_id}")
 
     victim.kill()  # no pause: the first turns race Envoy's health checks
@@ -111,7 +140,7 @@ def test_killed_chat_node_loses_no_turn(full_stack):
     assert_contiguous(convs, 6)
     moved = [c for c in convs if home[c.name] == victim.node_id]
     stayed = [c for c in convs if home[c.name] != victim.node_id]
-    assert moved and stayed
+    assert (len(moved), len(stayed)) == (14, 26)
     for c in moved:
         new_home = c.turns[3].node
         assert new_home != victim.node_id

@@ -219,8 +219,7 @@ def test_no_healthy_host_is_a_503(stack):
     admin = harness.free_port()
     cfg = harness.harness_config(listen=harness.free_port(), admin=admin, hosts=[("127.0.0.1", b.port, 1)])
     e = stack.envoy(cfg)
-    time.sleep(1.5)
-    e.wait_stats({"hosts.healthy": 0})
+    e.wait_vm_hosts(0)
     r = e.request("GET", "/", {"x-session-token": harness.session_token("s")})
     assert r.status == 503
     assert r.header("content-type") == "application/json"

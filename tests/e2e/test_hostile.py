@@ -90,11 +90,37 @@ def h(tmp_path_factory):
     envoy = harness.Envoy(cfg, wd, concurrency=2, name="envoy-hostile")
     try:
         envoy.start()
-        yield Hostile(envoy, hosts)
+        hostile = Hostile(envoy, hosts)
+        yield hostile
+        # After every test of the module, whatever their order or selection: the totals
+        # add up, no VM failed, and no token reached the log.
+        after_the_module(hostile)
     finally:
         envoy.stop()
         for b in backends:
             b.kill()
+
+
+def after_the_module(h: Hostile) -> None:
+    """Totals over every request of this module (run at the fixture's teardown)."""
+    deadline = time.monotonic() + 30
+    while True:
+        s = h.envoy.stats()
+        outcomes = sum(s.get(f"outcome.{o}", 0) for o in OUTCOMES)
+        if s.get("requests", 0) == h.reached_filter == outcomes:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"requests {s.get('requests')}, sent to the filter {h.reached_filter}, outcomes {outcomes}: {s}",
+                        pytrace=False)
+        time.sleep(0.05)
+    # Every request Envoy itself refused is in its own stats, not the filter's.
+    codec = h.envoy.stats("http.chat.")
+    assert codec.get("downstream_rq_4xx", 0) >= h.envoy_refused
+    log = h.envoy.log_text()
+    assert harness.wasm_failures(log) == [], harness.wasm_failures(log)[:5]
+    # Nothing of any token reached the log (signatures are unique per token).
+    for t in h.tokens_sent:
+        assert t.rsplit(".", 1)[1] not in log
 
 
 def assert_401(r: harness.Response, reason: str, token: str | bytes | None = None) -> None:
@@ -474,25 +500,3 @@ def test_filter_headers_sent_by_clients_in_every_spelling(h):
     n = 6 + len(SPELLINGS)
     h.stats_delta(before, {"requests": n, "outcome.new": 3 + len(SPELLINGS), "outcome.sticky": 1, "outcome.moved": 1,
                            "outcome.rejected": 1, "token.minted": 1})
-
-
-def test_zz_after_the_suite_stats_add_up_and_no_wasm_failure(h):
-    """Runs last (file order): totals over every request of this module."""
-    deadline = time.time() + 10
-    while True:
-        s = h.envoy.stats()
-        outcomes = sum(s.get(f"outcome.{o}", 0) for o in OUTCOMES)
-        if s.get("requests") == h.reached_filter == outcomes:
-            break
-        if time.time() > deadline:
-            pytest.fail(f"requests {s.get('requests')}, sent to the filter {h.reached_filter}, outcomes {outcomes}: {s}",
-                        pytrace=False)
-        time.sleep(0.05)
-    # Every request Envoy itself refused is in its own stats, not the filter's.
-    codec = h.envoy.stats("http.chat.")
-    assert codec["downstream_rq_4xx"] >= h.envoy_refused
-    log = h.envoy.log_text()
-    assert harness.wasm_failures(log) == [], harness.wasm_failures(log)[:5]
-    # Nothing of any token reached the log (signatures are unique per token).
-    for t in h.tokens_sent:
-        assert t.rsplit(".", 1)[1] not in log

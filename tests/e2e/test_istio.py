@@ -68,7 +68,8 @@ def test_the_filter_runs_with_the_wasmplugin_config(stack, monkeypatch):
     monkeypatch.setenv("SA_TICKET_KEY", harness.TICKET_KEY_B64)
 
     envoy = stack.envoy(cfg)
-    envoy.wait_healthy_hosts(3)
+    # Every filter VM (each worker's and the main thread's) polls on its own: wait for all.
+    envoy.wait_vm_hosts(3)
     r = envoy.request("POST", "/v1/chat", {}, b'{"message":"hi"}')
     assert r.status == 200, r
     assert set(r.cookies()) == {"session_token", "sa_ticket"}

@@ -182,11 +182,17 @@ class Envoy(Process):
         """Threads whose filter VM was configured (each of them polls discovery)."""
         return {t for t, msg in self.wasm_log() if msg == "session-affinity: configured"}
 
+    @property
+    def vm_count(self) -> int:
+        """Filter VMs of this Envoy: one per worker, plus one on the main thread."""
+        return self.concurrency + 1
+
     def wait_vms(self, what: str, matches: Callable[[str], bool], since: int, count: int = 1,
                  timeout: float = 30.0, vms: int | None = None) -> None:
         """Waits until every VM thread has logged `count` messages for which
-        `matches(message)` is true after `since` (and, with `vms`, until that many VMs
-        were configured). Fails saying which VMs lag."""
+        `matches(message)` is true after `since`, and at least `vms` (default: all of
+        them, `vm_count`) VMs were configured. Fails saying which VMs lag."""
+        vms = self.vm_count if vms is None else vms
         deadline = time.monotonic() + timeout
         while True:
             threads = self.vm_threads()
@@ -194,11 +200,11 @@ class Envoy(Process):
             for t, msg in self.wasm_log(since):
                 if t in seen and matches(msg):
                     seen[t] += 1
-            if threads and (vms is None or len(threads) >= vms) and all(n >= count for n in seen.values()):
+            if len(threads) >= vms and all(n >= count for n in seen.values()):
                 return
             if time.monotonic() > deadline:
-                raise HarnessError(f"not every filter VM logged {what} (x{count}) within {timeout}s: {seen}"
-                                   f"{'' if vms is None else f' (want {vms} VMs)'}\n{self.log_tail(15)}")
+                raise HarnessError(f"not every filter VM logged {what} (x{count}) within {timeout}s: {seen} "
+                                   f"(want {vms} VMs)\n{self.log_tail(15)}")
             time.sleep(0.05)
 
     def wait_host_set(self, n: int, since: int = 0, timeout: float = 30.0) -> None:
@@ -220,11 +226,14 @@ class Envoy(Process):
         return counts
 
     def wait_vm_hosts(self, n: int, timeout: float = 30.0, vms: int | None = None) -> None:
-        """Waits until every filter VM (at least `vms` of them) routes over `n` hosts."""
+        """Waits until every filter VM (at least `vms`, default all: `vm_count`) routes
+        over `n` hosts."""
+        vms = self.vm_count if vms is None else vms
+
         def done() -> bool:
             self.check_alive("waiting for the filter's host sets")
             counts = self.vm_host_counts()
-            return bool(counts) and (vms is None or len(counts) >= vms) and all(c == n for c in counts.values())
+            return len(counts) >= vms and all(c == n for c in counts.values())
 
         try:
             wait_for(done, timeout, f"every filter VM to route over {n} hosts")

@@ -5,6 +5,14 @@ which headers it saw, so a test can check routing and header stripping.
 
 `GET /healthz` answers 200 `ok` unless the file given by --unhealthy-file exists (503).
 Run it as its own process: a test kills the process to simulate a dead node.
+
+For placement tests:
+- a request header `x-test-delay-ms: N` delays the answer by N ms (load that stays in
+  flight);
+- with --load-file, a request that asks `endpoint-load-metrics-format: TEXT` gets an ORCA
+  load report: when the file holds a number v, `endpoint-load-metrics: TEXT
+  named_metrics.kv_cache_usage_perc=v, named_metrics.num_requests_waiting=0`; when it
+  holds `raw:<text>`, that text verbatim (hostile reports); when it is missing, no report.
 """
 
 import argparse
@@ -13,6 +21,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -21,12 +30,24 @@ def address(sa) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def load_report(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    if text.startswith("raw:"):
+        return text[4:]
+    return f"TEXT named_metrics.kv_cache_usage_perc={text}, named_metrics.num_requests_waiting=0"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--name", required=True)
     ap.add_argument("--host", action="append", help="address to listen on (repeatable)")
     ap.add_argument("--unhealthy-file")
+    ap.add_argument("--load-file")
     args = ap.parse_args()
     hosts = args.host or ["127.0.0.1"]
 
@@ -43,6 +64,9 @@ def main() -> None:
                 bad = args.unhealthy_file and os.path.exists(args.unhealthy_file)
                 self._send(503 if bad else 200, b"unhealthy" if bad else b"ok", "text/plain")
                 return
+            delay = self.headers.get("x-test-delay-ms")
+            if delay and delay.isdigit():
+                time.sleep(int(delay) / 1000)
             seen = {}
             for name, value in self.headers.raw_items():
                 # http.server decodes header bytes as latin-1; undo that to report UTF-8.
@@ -56,13 +80,20 @@ def main() -> None:
                 "headers": seen,
                 "body_len": len(body),
             }
-            self._send(200, json.dumps(out).encode(), "application/json")
+            extra = []
+            if args.load_file and self.headers.get("endpoint-load-metrics-format") == "TEXT":
+                report = load_report(args.load_file)
+                if report is not None:
+                    extra.append(("endpoint-load-metrics", report))
+            self._send(200, json.dumps(out).encode(), "application/json", extra)
 
-        def _send(self, status: int, body: bytes, ctype: str) -> None:
+        def _send(self, status: int, body: bytes, ctype: str, extra: list | None = None) -> None:
             self.send_response(status)
             self.send_header("content-type", ctype)
             self.send_header("content-length", str(len(body)))
             self.send_header("x-served-by", args.name)
+            for k, v in extra or []:
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
 

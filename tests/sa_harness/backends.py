@@ -33,13 +33,15 @@ class Backend:
         self.hosts = hosts or ["127.0.0.1"]
         self.proc: subprocess.Popen | None = None
         self.unhealthy_file = (workdir or Path("/tmp")) / f"unhealthy-{name}-{port}"
+        self.load_file = (workdir or Path("/tmp")) / f"load-{name}-{port}"
 
     @property
     def address(self) -> str:
         return join_address(self.hosts[0], self.port)
 
     def start(self) -> "Backend":
-        args = ["--port", str(self.port), "--name", self.name, "--unhealthy-file", str(self.unhealthy_file)]
+        args = ["--port", str(self.port), "--name", self.name, "--unhealthy-file", str(self.unhealthy_file),
+                "--load-file", str(self.load_file)]
         for h in self.hosts:
             args += ["--host", h]
         self.proc = _spawn("backend_server", args, f"backend {self.name} on {self.port}")
@@ -47,6 +49,16 @@ class Backend:
 
     def kill(self) -> None:
         kill_hard(self.proc)
+
+    def set_load(self, kv_cache_usage: float | str | None) -> None:
+        """What the backend reports when asked for an ORCA TEXT load report: a
+        `kv_cache_usage_perc` value, `"raw:<text>"` sent verbatim, or None (no report)."""
+        if kv_cache_usage is None:
+            self.load_file.unlink(missing_ok=True)
+            return
+        tmp = self.load_file.with_suffix(".tmp")
+        tmp.write_text(str(kv_cache_usage))
+        os.replace(tmp, self.load_file)
 
     def set_healthy(self, healthy: bool) -> None:
         if healthy:

@@ -101,11 +101,13 @@ fmt:
 
 ## Run ----------------------------------------------------------------------------------
 
+# RUN_ARGS: e.g. RUN_ARGS="--node-args '--decode-us-per-token 20000'" (the engine model).
+RUN_ARGS ?=
 run: deps $(WASM) $(CHAT_NODE)
-	$(PY) scripts/harness.py run
+	$(PY) scripts/harness.py run $(RUN_ARGS)
 
 demo: deps $(WASM) $(CHAT_NODE)
-	$(PY) scripts/harness.py run --demo
+	$(PY) scripts/harness.py run --demo $(RUN_ARGS)
 
 ## Measure ------------------------------------------------------------------------------
 

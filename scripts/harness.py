@@ -30,6 +30,7 @@ import http.client
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -111,11 +112,15 @@ class Ports:
     # Cluster bus ports; None: Redis's default, port + 10000.
     redis_bus: tuple[int, ...] | None = None
     nodes: tuple[int, ...] = (8001, 8002, 8003)
+    # Each chat node's admin listener (`--admin-listen`: engine costs at run time);
+    # None: no admin listener (the reference ports have none).
+    node_admin: tuple[int, ...] | None = None
 
     @classmethod
-    def free(cls, free_port: Callable[[], int], nodes: int = 3, redis: int = 6) -> "Ports":
+    def free(cls, free_port: Callable[[], int], nodes: int = 3, redis: int = 6, node_admin: bool = False) -> "Ports":
         """A harness on ports picked by `free_port` (the tests' `harness.free_port`), bus
-        ports included, so it can run next to `make run`."""
+        ports included, so it can run next to `make run`; with `node_admin`, each chat
+        node also gets an admin listener (`ChatNode.set_engine`)."""
         return cls(
             listen=free_port(),
             admin=free_port(),
@@ -123,6 +128,7 @@ class Ports:
             redis=tuple(free_port() for _ in range(redis)),
             redis_bus=tuple(free_port() for _ in range(redis)),
             nodes=tuple(free_port() for _ in range(nodes)),
+            node_admin=tuple(free_port() for _ in range(nodes)) if node_admin else None,
         )
 
     @property
@@ -134,7 +140,7 @@ class Ports:
 
     def all(self) -> list[int]:
         buses = [self.bus(i) for i in range(len(self.redis))]
-        return [self.listen, self.admin, self.redis_proxy, *self.redis, *buses, *self.nodes]
+        return [self.listen, self.admin, self.redis_proxy, *self.redis, *buses, *self.nodes, *(self.node_admin or ())]
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -475,16 +481,32 @@ def _resp_read(f):
 
 
 class ChatNode(Process):
-    """`chat-node --listen 127.0.0.1:<port> --node-id <id> --redis 127.0.0.1:<redis_proxy>`.
-    `env` None inherits this environment (so `LLM_BASE_URL` reaches the nodes)."""
+    """`chat-node --listen 127.0.0.1:<port> --node-id <id> --redis 127.0.0.1:<redis_proxy>`,
+    plus `--admin-listen 127.0.0.1:<admin_port>` when `admin_port` is given (then
+    `set_engine` changes the engine model's costs while the node runs: a benchmark slows
+    one node down). `env` None inherits this environment (so `LLM_BASE_URL` reaches the
+    nodes)."""
 
     def __init__(self, node_id: str, port: int, redis_port: int, workdir: Path, extra: list[str] | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, admin_port: int | None = None):
         binary = require_chat_node()
-        self.node_id, self.port = node_id, port
+        self.node_id, self.port, self.admin_port = node_id, port, admin_port
         args = [str(binary), "--listen", f"127.0.0.1:{port}", "--node-id", node_id, "--redis",
                 f"127.0.0.1:{redis_port}", *(extra or [])]
+        if admin_port is not None:
+            args += ["--admin-listen", f"127.0.0.1:{admin_port}"]
         super().__init__(node_id, args, workdir / f"{node_id}.log", env=env)
+
+    def set_engine(self, prefill_us_per_token: int | None = None, decode_us_per_token: int | None = None) -> dict:
+        """PUT /admin/engine: new per-token costs for the turns that start from now on."""
+        if self.admin_port is None:
+            raise HarnessError(f"{self.node_id} has no admin listener (start it with an admin port)")
+        patch = {k: v for k, v in (("prefill_us_per_token", prefill_us_per_token),
+                                   ("decode_us_per_token", decode_us_per_token)) if v is not None}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}/admin/engine", method="PUT",
+                                     data=json.dumps(patch).encode(), headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
 
     @property
     def address(self) -> str:
@@ -656,8 +678,10 @@ class Stack:
                            self.concurrency)
         self.say(f"starting Envoy ({_rel(config_path)})")
         self.envoy.start(timeout=timeout)
+        admin = self.ports.node_admin or (None,) * len(self.ports.nodes)
         self.nodes = [
-            ChatNode(f"node-{i + 1}", p, self.ports.redis_proxy, self.workdir, self.node_args, self.node_env)
+            ChatNode(f"node-{i + 1}", p, self.ports.redis_proxy, self.workdir, self.node_args, self.node_env,
+                     admin_port=admin[i])
             for i, p in enumerate(self.ports.nodes)
         ]
         self.say(f"starting chat nodes on {_ports(self.ports.nodes)}")
@@ -932,6 +956,11 @@ session-affinity harness is up (logs: {_rel(run_dir)}/*.log, {_rel(run_dir)}/red
 Hold a conversation (the cookie jar keeps the session token and the affinity ticket):
   curl -s -b {jar} -c {jar} http://127.0.0.1:{ports.listen}/v1/chat -d '{{"message":"hello"}}'; echo
   curl -s -b {jar} -c {jar} http://127.0.0.1:{ports.listen}/v1/chat -d '{{"message":"what did I say first?"}}'; echo
+The same conversation through the OpenAI-compatible endpoint, streamed (-N: print events as they come):
+  curl -sN -b {jar} -c {jar} http://127.0.0.1:{ports.listen}/v1/chat/completions \\
+    -d '{{"model":"chat-node","stream":true,"messages":[{{"role":"user","content":"and now?"}}]}}'
+  (any OpenAI client works too: base_url http://127.0.0.1:{ports.listen}/v1; send the `x-session-token`
+   header the first reply carried to stay in one conversation; docs/chat-node.md)
 
 Stats: http://127.0.0.1:{ports.admin}/stats?filter=session_affinity  (Prometheus: http://127.0.0.1:{ports.admin}/stats/prometheus)
 Try: {kill} (node-2), then talk again: a conversation on node-2 moves and keeps its turns.
@@ -1014,7 +1043,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ports = Ports(ports.listen + o, ports.admin + o, ports.redis_proxy + o, tuple(p + o for p in ports.redis),
                       tuple(p + 10000 + o for p in ports.redis), tuple(p + o for p in ports.nodes))
     run_dir = RUN_DIR / f"offset-{args.port_offset}" if args.port_offset else RUN_DIR
-    stack = Stack(ports, run_dir, say=say)
+    stack = Stack(ports, run_dir, node_args=shlex.split(args.node_args), say=say)
     try:
         stack.check_prerequisites()
         _check_ports_free(ports)
@@ -1076,6 +1105,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--keep-data", action="store_true", help="resume the Redis Cluster data of the last run")
     run.add_argument("--port-offset", type=int, default=0, metavar="N",
                      help="add N to every port (a second harness next to the first; envoy.yaml is rewritten)")
+    run.add_argument("--node-args", default="", metavar="ARGS",
+                     help="extra chat-node flags for every node, e.g. \"--decode-us-per-token 20000\" "
+                          "(the engine model, docs/chat-node.md)")
     args = ap.parse_args(argv)
     return cmd_run(args)
 

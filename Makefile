@@ -105,11 +105,13 @@ fmt:
 
 ## Run ----------------------------------------------------------------------------------
 
+# RUN_ARGS: e.g. RUN_ARGS="--node-args '--decode-us-per-token 20000'" (the engine model).
+RUN_ARGS ?=
 run: deps $(WASM) $(CHAT_NODE)
-	$(PY) -m sa_harness.run
+	$(PY) -m sa_harness.run $(RUN_ARGS)
 
 demo: deps $(WASM) $(CHAT_NODE)
-	$(PY) -m sa_harness.run --demo
+	$(PY) -m sa_harness.run --demo $(RUN_ARGS)
 
 ## Measure ------------------------------------------------------------------------------
 

@@ -1,58 +1,126 @@
-//! Configuration from flags and environment (flags win), checked once at startup.
+//! Configuration: flags with environment fallbacks (clap; a flag wins over its
+//! variable), then [`Config::try_from`] checks what clap cannot and builds the parts.
 //!
-//! Invariant: a `Config` is valid: positive TTL and thread count, a node id usable as a
-//! header value, an LLM endpoint that parses. Any problem is a [`ConfigError`] naming the
-//! flag or variable; `main` prints it and exits with status 2.
+//! Invariant: a `Config` is valid: a node id usable as a header value, an LLM endpoint
+//! that parses, a Redis address when the store is Redis. Usage errors exit with status 2
+//! (clap's convention, kept for the checks here too).
 
-use crate::llm::{ApiKey, Endpoint, LlmConfig, DEFAULT_SYSTEM_PROMPT};
+use crate::engine::EngineConfig;
+use crate::llm::{endpoint, ApiKey, LlmConfig, DEFAULT_SYSTEM_PROMPT};
+use clap::{Parser, ValueEnum};
 use std::fmt;
 use std::time::Duration;
 
-/// Usage text for `--help`.
-pub const USAGE: &str = "\
-chat-node: reference chat backend for session-affinity (sticky LLM conversations)
+/// Where conversations are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// Redis (through Envoy's redis_proxy): conversations survive any node.
+    Redis,
+    /// This process's memory: one node, no Redis; lost when the node dies.
+    Memory,
+}
 
-Usage: chat-node [OPTIONS]
+/// chat-node: reference chat backend for session-affinity (sticky LLM conversations).
+///
+/// API: POST /v1/chat (header x-session-id, body {"message": "...", "turn": n}),
+/// POST /v1/chat/completions (OpenAI-compatible, streaming too), GET /healthz, GET /stats.
+/// Without LLM_BASE_URL a built-in deterministic model answers.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "chat-node", version, about, long_about = None)]
+pub struct Args {
+    /// Address to serve HTTP on (port 0 picks a free port; the address is logged)
+    #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:8001", value_name = "ADDR")]
+    pub listen: String,
+    /// Name reported in replies, x-served-by and stored entries
+    #[arg(long = "node-id", env = "CHAT_NODE_ID", default_value = "node-1", value_name = "ID")]
+    pub node_id: String,
+    /// Where conversations are stored
+    #[arg(long, env = "CHAT_STORE", value_enum, default_value = "redis")]
+    pub store: StoreKind,
+    /// Redis or Envoy redis_proxy address (host:port or redis:// URL)
+    #[arg(long, env = "CHAT_REDIS", default_value = "127.0.0.1:6380", value_name = "ADDR")]
+    pub redis: String,
+    /// Conversations kept in memory (0 disables the cache)
+    #[arg(long = "cache-size", env = "CHAT_CACHE_SIZE", default_value_t = 10_000, value_name = "N")]
+    pub cache_size: usize,
+    /// Lifetime of a stored conversation in seconds, renewed every turn
+    #[arg(long = "ttl-seconds", env = "CHAT_TTL_SECONDS", default_value_t = 86_400, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub ttl_seconds: u64,
+    /// Retry budget of one Redis command in ms (0: a single attempt)
+    #[arg(long = "redis-retry-ms", env = "CHAT_REDIS_RETRY_MS", default_value_t = 5_000, value_name = "N")]
+    pub redis_retry_ms: u64,
+    /// Most requests served at once; more wait (the flag keeps its historic name)
+    #[arg(long, env = "CHAT_THREADS", default_value_t = 1024, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub threads: u64,
+    /// Time allowed until a response starts, in ms
+    #[arg(long = "request-timeout-ms", env = "CHAT_REQUEST_TIMEOUT_MS", default_value_t = 120_000, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_ms: u64,
+    /// Optional admin listener (GET/PUT /admin/engine, GET /stats); off when not set
+    #[arg(long = "admin-listen", env = "CHAT_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
 
-Options (flags win over environment variables):
-  --listen ADDR           address to serve HTTP on        [CHAT_LISTEN, default 127.0.0.1:8001]
-  --node-id ID            name reported in replies         [CHAT_NODE_ID, default node-1]
-  --redis ADDR            Redis / Envoy redis_proxy        [CHAT_REDIS, default 127.0.0.1:6380]
-  --cache-size N          conversations kept in memory     [CHAT_CACHE_SIZE, default 10000]
-  --ttl-seconds N         lifetime of a stored conversation [CHAT_TTL_SECONDS, default 86400]
-  --redis-retry-ms N      retry budget of a Redis command  [CHAT_REDIS_RETRY_MS, default 5000]
-  --threads N             max concurrent connections, one thread each
-                                                           [CHAT_THREADS, default 1024]
-  -h, --help              print this help
+    /// Engine model: turns that run at once, the rest queue (0: no limit)
+    #[arg(long, env = "CHAT_SLOTS", default_value_t = 0, value_name = "N", help_heading = "Engine model")]
+    pub slots: usize,
+    /// Engine model: prefill cost per uncached prompt token, in microseconds
+    #[arg(
+        long = "prefill-us-per-token",
+        env = "CHAT_PREFILL_US_PER_TOKEN",
+        default_value_t = 0,
+        value_name = "US",
+        help_heading = "Engine model"
+    )]
+    pub prefill_us_per_token: u64,
+    /// Engine model: decode cost per reply token, in microseconds
+    #[arg(
+        long = "decode-us-per-token",
+        env = "CHAT_DECODE_US_PER_TOKEN",
+        default_value_t = 0,
+        value_name = "US",
+        help_heading = "Engine model"
+    )]
+    pub decode_us_per_token: u64,
+    /// Engine model: KV cache capacity in tokens (kv_cache_usage_perc = cached / this)
+    #[arg(long = "kv-capacity-tokens", env = "CHAT_KV_CAPACITY_TOKENS", default_value_t = 1_000_000,
+          value_name = "N", help_heading = "Engine model", value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_capacity_tokens: u64,
 
-LLM forwarding (environment only; without LLM_BASE_URL a built-in deterministic model answers):
-  LLM_BASE_URL            http://host[:port][/prefix]; requests go to {base}/v1/chat/completions
-  LLM_MODEL               model name (required with LLM_BASE_URL)
-  LLM_API_KEY             optional bearer token
-  LLM_SYSTEM_PROMPT       optional system prompt
-  LLM_TIMEOUT_MS          optional, default 60000
-
-API: POST /v1/chat (header x-session-id, body {\"message\": \"...\"}), GET /healthz, GET /stats
-";
+    /// Forward turns to {LLM_BASE_URL}/v1/chat/completions (http or https)
+    #[arg(long = "llm-base-url", env = "LLM_BASE_URL", value_name = "URL", help_heading = "LLM forwarding")]
+    pub llm_base_url: Option<String>,
+    /// Model name (required with LLM_BASE_URL)
+    #[arg(long = "llm-model", env = "LLM_MODEL", value_name = "NAME", help_heading = "LLM forwarding")]
+    pub llm_model: Option<String>,
+    /// Bearer token (environment only, never logged)
+    #[arg(long = "llm-api-key", env = "LLM_API_KEY", hide_env_values = true, hide = true)]
+    pub llm_api_key: Option<String>,
+    /// System prompt
+    #[arg(long = "llm-system-prompt", env = "LLM_SYSTEM_PROMPT", value_name = "TEXT", help_heading = "LLM forwarding")]
+    pub llm_system_prompt: Option<String>,
+    /// Connect and read timeout in ms
+    #[arg(long = "llm-timeout-ms", env = "LLM_TIMEOUT_MS", default_value_t = 60_000, value_name = "N",
+          help_heading = "LLM forwarding", value_parser = clap::value_parser!(u64).range(1..))]
+    pub llm_timeout_ms: u64,
+}
 
 /// Validated settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub listen: String,
     pub node_id: String,
+    pub store: StoreKind,
     pub redis: String,
     pub cache_size: usize,
     pub ttl_seconds: u64,
     pub redis_retry: Duration,
-    pub threads: usize,
+    pub max_in_flight: usize,
+    pub request_timeout: Duration,
+    pub admin_listen: Option<String>,
+    pub engine: EngineConfig,
     pub llm: Option<LlmConfig>,
-}
-
-/// What the command line asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    Run(Box<Config>),
-    Help,
 }
 
 /// A configuration problem, naming the flag or variable.
@@ -65,217 +133,153 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// A flag, its environment variable, and its default.
-struct Setting {
-    flag: &'static str,
-    env: &'static str,
-    default: &'static str,
-}
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
 
-const SETTINGS: [Setting; 7] = [
-    Setting { flag: "--listen", env: "CHAT_LISTEN", default: "127.0.0.1:8001" },
-    Setting { flag: "--node-id", env: "CHAT_NODE_ID", default: "node-1" },
-    Setting { flag: "--redis", env: "CHAT_REDIS", default: "127.0.0.1:6380" },
-    Setting { flag: "--cache-size", env: "CHAT_CACHE_SIZE", default: "10000" },
-    Setting { flag: "--ttl-seconds", env: "CHAT_TTL_SECONDS", default: "86400" },
-    Setting { flag: "--redis-retry-ms", env: "CHAT_REDIS_RETRY_MS", default: "5000" },
-    Setting { flag: "--threads", env: "CHAT_THREADS", default: "1024" },
-];
-
-/// Parses the arguments (without the program name), reading the environment through
-/// `env` so tests pass their own.
-pub fn parse<I, E>(args: I, env: E) -> Result<Command, ConfigError>
-where
-    I: IntoIterator<Item = String>,
-    E: Fn(&str) -> Option<String>,
-{
-    let mut flags: Vec<Option<String>> = vec![None; SETTINGS.len()];
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        if arg == "-h" || arg == "--help" {
-            return Ok(Command::Help);
+    fn try_from(a: Args) -> Result<Self, ConfigError> {
+        if a.listen.trim().is_empty() {
+            return Err(ConfigError("--listen: must not be empty".into()));
         }
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
-            _ => (arg.clone(), None),
-        };
-        let Some(index) = SETTINGS.iter().position(|s| s.flag == name) else {
-            return Err(ConfigError(format!("unknown argument {arg:?} (see --help)")));
-        };
-        let value = match inline {
-            Some(v) => v,
-            None => args.next().ok_or_else(|| ConfigError(format!("{name} needs a value")))?,
-        };
-        flags[index] = Some(value);
-    }
-
-    // Each value with where it came from, for error messages.
-    let value = |i: usize| -> (String, String) {
-        let s = &SETTINGS[i];
-        match (&flags[i], env(s.env)) {
-            (Some(v), _) => (v.clone(), s.flag.to_owned()),
-            (None, Some(v)) => (v, s.env.to_owned()),
-            (None, None) => (s.default.to_owned(), s.flag.to_owned()),
+        if a.node_id.is_empty() || !a.node_id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError(format!(
+                "--node-id: node id must be non-empty printable ASCII without spaces, got {:?}",
+                a.node_id
+            )));
         }
-    };
-
-    let (listen, from) = value(0);
-    non_empty(&listen, &from)?;
-    let (node_id, from) = value(1);
-    if node_id.is_empty() || !node_id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ConfigError(format!(
-            "{from}: node id must be non-empty printable ASCII without spaces, got {node_id:?}"
-        )));
+        if a.store == StoreKind::Redis && a.redis.trim().is_empty() {
+            return Err(ConfigError("--redis: must not be empty".into()));
+        }
+        let llm = match a.llm_base_url.filter(|u| !u.is_empty()) {
+            None => None,
+            Some(base) => {
+                let url = endpoint(&base).map_err(ConfigError)?;
+                let model = a
+                    .llm_model
+                    .filter(|m| !m.is_empty())
+                    .ok_or_else(|| ConfigError("LLM_MODEL must be set when LLM_BASE_URL is".into()))?;
+                Some(LlmConfig {
+                    url,
+                    model,
+                    api_key: a.llm_api_key.filter(|k| !k.is_empty()).map(ApiKey),
+                    system_prompt: a.llm_system_prompt.unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.into()),
+                    timeout: Duration::from_millis(a.llm_timeout_ms),
+                })
+            }
+        };
+        Ok(Config {
+            listen: a.listen,
+            node_id: a.node_id,
+            store: a.store,
+            redis: a.redis,
+            cache_size: a.cache_size,
+            ttl_seconds: a.ttl_seconds,
+            redis_retry: Duration::from_millis(a.redis_retry_ms),
+            max_in_flight: usize::try_from(a.threads).unwrap_or(usize::MAX),
+            request_timeout: Duration::from_millis(a.request_timeout_ms),
+            admin_listen: a.admin_listen.filter(|l| !l.is_empty()),
+            engine: EngineConfig {
+                slots: a.slots,
+                prefill_us_per_token: a.prefill_us_per_token,
+                decode_us_per_token: a.decode_us_per_token,
+                kv_capacity_tokens: a.kv_capacity_tokens,
+            },
+            llm,
+        })
     }
-    let (redis, from) = value(2);
-    non_empty(&redis, &from)?;
-    let cache_size = number(value(3), 0)?;
-    let ttl_seconds = number(value(4), 1)?;
-    let redis_retry_ms = number(value(5), 0)?;
-    let threads = number(value(6), 1)?;
-    let llm = llm_config(&env)?;
-
-    Ok(Command::Run(Box::new(Config {
-        listen,
-        node_id,
-        redis,
-        cache_size: usize::try_from(cache_size).map_err(|_| ConfigError("--cache-size: too large".into()))?,
-        ttl_seconds,
-        redis_retry: Duration::from_millis(redis_retry_ms),
-        threads: usize::try_from(threads).map_err(|_| ConfigError("--threads: too large".into()))?,
-        llm,
-    })))
-}
-
-fn llm_config<E: Fn(&str) -> Option<String>>(env: &E) -> Result<Option<LlmConfig>, ConfigError> {
-    let Some(base) = env("LLM_BASE_URL").filter(|v| !v.is_empty()) else {
-        return Ok(None);
-    };
-    let endpoint = Endpoint::parse(&base).map_err(ConfigError)?;
-    let model = env("LLM_MODEL")
-        .filter(|m| !m.is_empty())
-        .ok_or_else(|| ConfigError("LLM_MODEL must be set when LLM_BASE_URL is".into()))?;
-    let timeout_ms = match env("LLM_TIMEOUT_MS") {
-        Some(v) => number((v, "LLM_TIMEOUT_MS".into()), 1)?,
-        None => 60_000,
-    };
-    Ok(Some(LlmConfig {
-        endpoint,
-        model,
-        api_key: env("LLM_API_KEY").filter(|k| !k.is_empty()).map(ApiKey),
-        system_prompt: env("LLM_SYSTEM_PROMPT").unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.into()),
-        timeout: Duration::from_millis(timeout_ms),
-    }))
-}
-
-fn non_empty(value: &str, from: &str) -> Result<(), ConfigError> {
-    if value.trim().is_empty() {
-        Err(ConfigError(format!("{from}: must not be empty")))
-    } else {
-        Ok(())
-    }
-}
-
-fn number((text, from): (String, String), min: u64) -> Result<u64, ConfigError> {
-    let n = text
-        .trim()
-        .parse::<u64>()
-        .map_err(|_| ConfigError(format!("{from}: expected a whole number, got {text:?}")))?;
-    if n < min {
-        return Err(ConfigError(format!("{from}: must be at least {min}, got {n}")));
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use std::collections::HashMap;
+    use clap::CommandFactory;
 
-    fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Command, ConfigError> {
-        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        parse(args.iter().map(|a| a.to_string()), |k| env.get(k).cloned())
-    }
-
-    fn config(args: &[&str], env: &[(&str, &str)]) -> Config {
-        match run(args, env).unwrap() {
-            Command::Run(c) => *c,
-            Command::Help => panic!("help"),
-        }
+    // Flags only: the environment is process-wide, so env fallbacks are tested on the
+    // binary (tests/redis_integration.rs), one process per case.
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let args = Args::try_parse_from(std::iter::once("chat-node").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        Config::try_from(args).map_err(|e| e.0)
     }
 
     #[test]
-    fn defaults() {
-        let c = config(&[], &[]);
+    fn clap_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        // Only valid when the test process has none of the variables set.
+        if std::env::vars().any(|(k, _)| k.starts_with("CHAT_") || k.starts_with("LLM_")) {
+            return;
+        }
+        let c = parse(&[]).unwrap();
         assert_eq!(c.listen, "127.0.0.1:8001");
         assert_eq!(c.node_id, "node-1");
+        assert_eq!(c.store, StoreKind::Redis);
         assert_eq!(c.redis, "127.0.0.1:6380");
         assert_eq!(c.cache_size, 10_000);
         assert_eq!(c.ttl_seconds, 86_400);
         assert_eq!(c.redis_retry, Duration::from_secs(5));
-        assert_eq!(c.threads, 1024);
-        assert_eq!(c.llm, None);
+        assert_eq!(c.max_in_flight, 1024);
+        assert_eq!(c.engine, EngineConfig::default());
+        assert_eq!((c.llm, c.admin_listen), (None, None));
+
+        let c = parse(&[
+            "--node-id",
+            "node-2",
+            "--cache-size=0",
+            "--ttl-seconds",
+            "60",
+            "--store",
+            "memory",
+            "--slots",
+            "2",
+            "--prefill-us-per-token",
+            "100",
+            "--decode-us-per-token=50",
+            "--kv-capacity-tokens",
+            "5000",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        assert_eq!((c.node_id.as_str(), c.cache_size, c.ttl_seconds, c.store), ("node-2", 0, 60, StoreKind::Memory));
+        assert_eq!(
+            c.engine,
+            EngineConfig { slots: 2, prefill_us_per_token: 100, decode_us_per_token: 50, kv_capacity_tokens: 5000 }
+        );
+        assert_eq!(c.admin_listen.as_deref(), Some("127.0.0.1:0"));
     }
 
     #[test]
-    fn flags_win_over_env() {
-        let env = [
-            ("CHAT_LISTEN", "0.0.0.0:9000"),
-            ("CHAT_NODE_ID", "env-node"),
-            ("CHAT_REDIS", "r:1"),
-            ("CHAT_CACHE_SIZE", "5"),
+    fn refuses_bad_input_naming_the_flag() {
+        let table: [(&[&str], &str); 9] = [
+            (&["--bogus"], "--bogus"),
+            (&["--listen"], "--listen"),
+            (&["--threads", "0"], "--threads"),
+            (&["--ttl-seconds", "x"], "--ttl-seconds"),
+            (&["--node-id", "a b"], "--node-id"),
+            (&["--redis="], "--redis"),
+            (&["--store", "disk"], "--store"),
+            (&["--llm-base-url", "ftp://x", "--llm-model", "m"], "LLM_BASE_URL"),
+            (&["--llm-base-url", "http://x"], "LLM_MODEL must be set"),
         ];
-        let c = config(&["--node-id", "node-2", "--cache-size=0", "--ttl-seconds", "60"], &env);
-        assert_eq!(c.listen, "0.0.0.0:9000");
-        assert_eq!(c.node_id, "node-2");
-        assert_eq!(c.redis, "r:1");
-        assert_eq!(c.cache_size, 0);
-        assert_eq!(c.ttl_seconds, 60);
-    }
-
-    #[test]
-    fn help() {
-        assert_eq!(run(&["--listen", "x", "--help"], &[]).unwrap(), Command::Help);
-        assert_eq!(run(&["-h"], &[]).unwrap(), Command::Help);
-    }
-
-    #[test]
-    fn refuses_bad_input_naming_the_source() {
-        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-        let table: [Case; 9] = [
-            (&["--bogus"], &[], "unknown argument"),
-            (&["--listen"], &[], "--listen needs a value"),
-            (&["--threads", "0"], &[], "--threads: must be at least 1"),
-            (&["--ttl-seconds", "x"], &[], "--ttl-seconds: expected a whole number"),
-            (&[], &[("CHAT_REDIS_RETRY_MS", "-1")], "CHAT_REDIS_RETRY_MS: expected"),
-            (&["--node-id", "a b"], &[], "--node-id: node id"),
-            (&["--redis="], &[], "--redis: must not be empty"),
-            (&[], &[("LLM_BASE_URL", "https://x")], "https is not supported"),
-            (&[], &[("LLM_BASE_URL", "http://x")], "LLM_MODEL must be set"),
-        ];
-        for (args, env, want) in table {
-            let err = run(args, env).unwrap_err();
-            assert!(err.0.contains(want), "{args:?} {env:?}: {err}");
+        for (args, want) in table {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(want), "{args:?}: {err}");
         }
     }
 
     #[test]
-    fn llm_from_env() {
-        let c = config(
-            &[],
-            &[
-                ("LLM_BASE_URL", "http://127.0.0.1:11434"),
-                ("LLM_MODEL", "llama"),
-                ("LLM_API_KEY", "k"),
-                ("LLM_TIMEOUT_MS", "1500"),
-            ],
-        );
+    fn llm_settings() {
+        let c =
+            parse(&["--llm-base-url", "https://api.example/v2", "--llm-model", "llama", "--llm-timeout-ms", "1500"])
+                .unwrap();
         let llm = c.llm.unwrap();
-        assert_eq!(llm.endpoint.authority, "127.0.0.1:11434");
+        assert_eq!(llm.url.as_str(), "https://api.example/v2/v1/chat/completions");
         assert_eq!(llm.model, "llama");
-        assert_eq!(llm.api_key, Some(ApiKey("k".into())));
-        assert_eq!(llm.system_prompt, DEFAULT_SYSTEM_PROMPT);
         assert_eq!(llm.timeout, Duration::from_millis(1500));
+        assert_eq!(llm.system_prompt, DEFAULT_SYSTEM_PROMPT);
     }
 }

@@ -69,6 +69,18 @@ impl<K: Hash + Eq + Clone, V: Clone> Lru<K, V> {
         Some(value)
     }
 
+    /// Removes and returns the least recently used entry.
+    pub fn pop_oldest(&mut self) -> Option<(K, V)> {
+        let (_, key) = self.order.pop_first()?;
+        let (value, _) = self.entries.remove(&key)?;
+        Some((key, value))
+    }
+
+    /// A clone of the value without touching the recency order.
+    pub fn peek(&self, key: &K) -> Option<V> {
+        self.entries.get(key).map(|(v, _)| v.clone())
+    }
+
     fn next_tick(&mut self) -> u64 {
         self.tick += 1;
         self.tick
@@ -126,6 +138,20 @@ mod tests {
         lru.put("e", 5); // evicts b only
         assert_eq!(lru.len(), 3);
         assert_eq!(lru.get(&"b"), None);
+    }
+
+    #[test]
+    fn pop_oldest_goes_in_lru_order() {
+        let mut lru = Lru::new(3);
+        lru.put("a", 1);
+        lru.put("b", 2);
+        lru.put("c", 3);
+        lru.get(&"a");
+        assert_eq!(lru.peek(&"b"), Some(2)); // peek does not refresh b
+        assert_eq!(lru.pop_oldest(), Some(("b", 2)));
+        assert_eq!(lru.pop_oldest(), Some(("c", 3)));
+        assert_eq!(lru.pop_oldest(), Some(("a", 1)));
+        assert_eq!(lru.pop_oldest(), None);
     }
 
     #[test]

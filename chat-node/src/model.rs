@@ -1,17 +1,11 @@
-//! The "model" that writes replies: a seam ([`Model`]) with a built-in deterministic
-//! implementation ([`Builtin`]) so tests need no LLM, and an LLM forwarder in
-//! [`crate::llm`].
+//! The "model" that writes replies: the built-in deterministic one ([`Builtin`]), so
+//! tests need no LLM, or the OpenAI-compatible forwarder in [`crate::llm`].
 //!
 //! Invariant of [`Builtin`]: the reply is a pure function of the history and the new
 //! message (and so of the turn number); nothing else (time, node, randomness) enters it.
 
 use crate::conversation::Conversation;
 use std::fmt;
-
-/// Writes the assistant's reply to `message`, given the conversation before it.
-pub trait Model: Send + Sync {
-    fn reply(&self, history: &Conversation, message: &str) -> Result<String, ModelError>;
-}
 
 /// Why a reply could not be produced (only the LLM forwarder fails).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,8 +35,9 @@ pub struct Builtin;
 /// Longest quote of a message in a built-in reply, in characters.
 const QUOTE_CHARS: usize = 60;
 
-impl Model for Builtin {
-    fn reply(&self, history: &Conversation, message: &str) -> Result<String, ModelError> {
+impl Builtin {
+    /// The reply to `message` after `history`.
+    pub fn reply(&self, history: &Conversation, message: &str) -> String {
         let turn = history.turns() + 1;
         let said = quote(message);
         let reply = match history.user_messages().next() {
@@ -54,7 +49,7 @@ impl Model for Builtin {
                 if turn == 2 { "" } else { "s" }
             ),
         };
-        Ok(reply)
+        reply
     }
 }
 
@@ -71,18 +66,20 @@ fn quote(text: &str) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+    use crate::conversation::Turn;
 
     #[test]
     fn builtin_replies_are_deterministic_and_use_history() {
+        let turn = |user: &str, reply: &str| Turn { user: user.into(), reply: reply.into(), id: String::new() };
         let empty = Conversation::new();
-        let r1 = Builtin.reply(&empty, "first message").unwrap();
+        let r1 = Builtin.reply(&empty, "first message");
         assert_eq!(r1, "turn 1: you said 'first message'; this is the start of our conversation");
-        let h1 = empty.with_turn("first message", &r1);
-        let r2 = Builtin.reply(&h1, "x").unwrap();
+        let h1 = empty.with_turn(turn("first message", &r1));
+        let r2 = Builtin.reply(&h1, "x");
         assert_eq!(r2, "turn 2: you said 'x'; earlier you mentioned 'first message' (1 earlier message)");
-        let h2 = h1.with_turn("x", &r2);
+        let h2 = h1.with_turn(turn("x", &r2));
         assert_eq!(
-            Builtin.reply(&h2, "y").unwrap(),
+            Builtin.reply(&h2, "y"),
             "turn 3: you said 'y'; earlier you mentioned 'first message' (2 earlier messages)"
         );
         assert_eq!(Builtin.reply(&h2, "y"), Builtin.reply(&h2, "y"));

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Process-wide counters.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Requests to `/v1/chat`.
+    /// Turns requested (`/v1/chat` and `/v1/chat/completions`).
     pub chat_requests: AtomicU64,
     /// Turns acknowledged (stored, then answered 200).
     pub turns: AtomicU64,
@@ -27,6 +27,17 @@ pub struct Stats {
     /// Retried turns that an earlier attempt had already applied, answered again
     /// instead of being applied twice (the request's `turn` matched the last turn).
     pub replayed: AtomicU64,
+    /// Compare-and-append conflicts: another writer appended to the conversation
+    /// between this node's load and its append (reloaded and applied again).
+    pub append_conflicts: AtomicU64,
+    /// Turns the store had lost (a failover) written again from this node's memory.
+    pub repaired: AtomicU64,
+    /// Conversations migrated from the previous whole-value layout.
+    pub migrated: AtomicU64,
+    /// Requests to `/v1/chat/completions` (streamed or not).
+    pub completions: AtomicU64,
+    /// Streamed completions.
+    pub streams: AtomicU64,
     /// Requests refused with a 4xx.
     pub bad_requests: AtomicU64,
     /// Failed Redis attempts (connection errors, error replies, timeouts).
@@ -39,10 +50,6 @@ pub struct Stats {
     pub store_corrupt: AtomicU64,
     /// LLM calls that failed (answered 502).
     pub llm_errors: AtomicU64,
-    /// Open client connections (gauge).
-    pub connections_open: AtomicU64,
-    /// Client connections accepted.
-    pub connections_total: AtomicU64,
 }
 
 impl Stats {
@@ -74,8 +81,11 @@ impl Stats {
             "store_failures": get(&self.store_failures),
             "store_corrupt": get(&self.store_corrupt),
             "llm_errors": get(&self.llm_errors),
-            "connections_open": get(&self.connections_open),
-            "connections_total": get(&self.connections_total),
+            "append_conflicts": get(&self.append_conflicts),
+            "repaired": get(&self.repaired),
+            "migrated": get(&self.migrated),
+            "completions": get(&self.completions),
+            "streams": get(&self.streams),
             "cache_entries": cache_entries,
         })
     }

@@ -173,7 +173,7 @@ def test_killed_redis_master_fails_over_without_losing_turns(full_stack):
     harness.run_turns(convs, message, 2)
 
     # The master that holds the most of these conversations.
-    owners = {c.name: stack.redis.master_for(f"sa:conv:{{{c.session_id}}}") for c in convs}
+    owners = {c.name: stack.redis.master_for(f"sa:turns:{{{c.session_id}}}") for c in convs}
     victim_port = max(set(owners.values()), key=list(owners.values()).count)
     replica_port = stack.redis.replica_of(victim_port)
     affected = [c for c in convs if owners[c.name] == victim_port]

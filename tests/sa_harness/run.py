@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shlex
 import shutil
 import signal
 import sys
@@ -55,6 +56,11 @@ session-affinity harness is up (logs: {_rel(run_dir)}/*.log, {_rel(run_dir)}/red
 Hold a conversation (the cookie jar keeps the session token and the affinity ticket):
   curl -s -b {jar} -c {jar} http://127.0.0.1:{ports.listen}/v1/chat -d '{{"message":"hello"}}'; echo
   curl -s -b {jar} -c {jar} http://127.0.0.1:{ports.listen}/v1/chat -d '{{"message":"what did I say first?"}}'; echo
+The same conversation through the OpenAI-compatible endpoint, streamed (-N: print events as they come):
+  curl -sN -b {jar} -c {jar} http://127.0.0.1:{ports.listen}/v1/chat/completions \\
+    -d '{{"model":"chat-node","stream":true,"messages":[{{"role":"user","content":"and now?"}}]}}'
+  (any OpenAI client works too: base_url http://127.0.0.1:{ports.listen}/v1; send the `x-session-token`
+   header the first reply carried to stay in one conversation; docs/chat-node.md)
 
 Stats: http://127.0.0.1:{ports.admin}/stats?filter=session_affinity  (Prometheus: http://127.0.0.1:{ports.admin}/stats/prometheus)
 Try: {kill} (node-2), then talk again: a conversation on node-2 moves and keeps its turns.
@@ -140,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ports = Ports(ports.listen + o, ports.admin + o, ports.redis_proxy + o, tuple(p + o for p in ports.redis),
                       tuple(p + 10000 + o for p in ports.redis), tuple(p + o for p in ports.nodes))
     run_dir = RUN_DIR / f"offset-{args.port_offset}" if args.port_offset else RUN_DIR
-    stack = Stack(ports, run_dir, say=say)
+    stack = Stack(ports, run_dir, node_args=shlex.split(args.node_args), say=say)
     try:
         stack.check_prerequisites()
         _check_ports_free(ports)
@@ -200,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-data", action="store_true", help="resume the Redis Cluster data of the last run")
     ap.add_argument("--port-offset", type=int, default=0, metavar="N",
                     help="add N to every port (a second harness next to the first; envoy.yaml is rewritten)")
+    ap.add_argument("--node-args", default="", metavar="ARGS",
+                    help="extra chat-node flags for every node, e.g. \"--decode-us-per-token 20000\" "
+                         "(the engine model, docs/chat-node.md)")
     return cmd_run(ap.parse_args(argv))
 
 

@@ -44,11 +44,15 @@ class Ports:
     # Cluster bus ports; None: Redis's default, port + 10000.
     redis_bus: tuple[int, ...] | None = None
     nodes: tuple[int, ...] = (8001, 8002, 8003)
+    # Each chat node's admin listener (`--admin-listen`: engine costs at run time);
+    # None: no admin listener (the reference ports have none).
+    node_admin: tuple[int, ...] | None = None
 
     @classmethod
-    def free(cls, free_port: Callable[[], int], nodes: int = 3, redis: int = 6) -> "Ports":
-        """A harness on ports picked by `free_port` (the tests' `harness.free_port`), bus
-        ports included, so it can run next to `make run`."""
+    def free(cls, free_port: Callable[[], int], nodes: int = 3, redis: int = 6, node_admin: bool = False) -> "Ports":
+        """A harness on ports picked by `free_port`, bus ports included, so it can run
+        next to `make run`; with `node_admin`, each chat node also gets an admin listener
+        (`ChatNode.set_engine`)."""
         return cls(
             listen=free_port(),
             admin=free_port(),
@@ -56,6 +60,7 @@ class Ports:
             redis=tuple(free_port() for _ in range(redis)),
             redis_bus=tuple(free_port() for _ in range(redis)),
             nodes=tuple(free_port() for _ in range(nodes)),
+            node_admin=tuple(free_port() for _ in range(nodes)) if node_admin else None,
         )
 
     @property
@@ -67,7 +72,7 @@ class Ports:
 
     def all(self) -> list[int]:
         buses = [self.bus(i) for i in range(len(self.redis))]
-        return [self.listen, self.admin, self.redis_proxy, *self.redis, *buses, *self.nodes]
+        return [self.listen, self.admin, self.redis_proxy, *self.redis, *buses, *self.nodes, *(self.node_admin or ())]
 
 
 def envoy_config_for(ports: Ports, **kwargs) -> dict:
@@ -79,16 +84,32 @@ def envoy_config_for(ports: Ports, **kwargs) -> dict:
 
 
 class ChatNode(Process):
-    """`chat-node --listen 127.0.0.1:<port> --node-id <id> --redis 127.0.0.1:<redis_proxy>`.
-    `env` None inherits this environment (so `LLM_BASE_URL` reaches the nodes)."""
+    """`chat-node --listen 127.0.0.1:<port> --node-id <id> --redis 127.0.0.1:<redis_proxy>`,
+    plus `--admin-listen 127.0.0.1:<admin_port>` when `admin_port` is given (then
+    `set_engine` changes the engine model's costs while the node runs: a benchmark slows
+    one node down). `env` None inherits this environment (so `LLM_BASE_URL` reaches the
+    nodes)."""
 
     def __init__(self, node_id: str, port: int, redis_port: int, workdir: Path, extra: list[str] | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, admin_port: int | None = None):
         binary = require_chat_node()
-        self.node_id, self.port = node_id, port
+        self.node_id, self.port, self.admin_port = node_id, port, admin_port
         args = [str(binary), "--listen", f"127.0.0.1:{port}", "--node-id", node_id, "--redis",
                 f"127.0.0.1:{redis_port}", *(extra or [])]
+        if admin_port is not None:
+            args += ["--admin-listen", f"127.0.0.1:{admin_port}"]
         super().__init__(node_id, args, workdir / f"{node_id}.log", env=env)
+
+    def set_engine(self, prefill_us_per_token: int | None = None, decode_us_per_token: int | None = None) -> dict:
+        """PUT /admin/engine: new per-token costs for the turns that start from now on."""
+        if self.admin_port is None:
+            raise HarnessError(f"{self.node_id} has no admin listener (start it with an admin port)")
+        patch = {k: v for k, v in (("prefill_us_per_token", prefill_us_per_token),
+                                   ("decode_us_per_token", decode_us_per_token)) if v is not None}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}/admin/engine", method="PUT",
+                                     data=json.dumps(patch).encode(), headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
 
     @property
     def address(self) -> str:
@@ -146,8 +167,10 @@ class Stack:
         self.envoy = Envoy(self.envoy_config, self.workdir, concurrency=self.concurrency)
         self.say(f"starting Envoy ({_rel(self.envoy.config_path)})")
         self.envoy.start(timeout=timeout)
+        admin = self.ports.node_admin or (None,) * len(self.ports.nodes)
         self.nodes = [
-            ChatNode(f"node-{i + 1}", p, self.ports.redis_proxy, self.workdir, self.node_args, self.node_env)
+            ChatNode(f"node-{i + 1}", p, self.ports.redis_proxy, self.workdir, self.node_args, self.node_env,
+                     admin_port=admin[i])
             for i, p in enumerate(self.ports.nodes)
         ]
         self.say(f"starting chat nodes on {_ports(self.ports.nodes)}")

@@ -30,6 +30,7 @@
 
 use std::rc::Rc;
 
+use crate::admin;
 use crate::config::Discovery;
 use crate::hosts::{self, HostSet, HostSpec};
 use crate::metrics::Counter;
@@ -246,6 +247,16 @@ impl Poller {
     /// The cluster whose hosts are discovered (for log lines).
     pub fn cluster(&self) -> &str {
         &self.cluster
+    }
+}
+
+/// What an admin poll answered: the healthy hosts of `cluster`, or why the poll failed.
+/// `status` is the response's `:status` (`None`: no response, unreachable or timed out).
+pub fn poll_answer(status: Option<&[u8]>, body: &[u8], cluster: &str) -> Result<Vec<HostSpec>, String> {
+    match status {
+        Some(b"200") => admin::healthy_hosts(body, cluster).map_err(|e| e.to_string()),
+        Some(s) => Err(format!("admin answered status {}", String::from_utf8_lossy(s))),
+        None => Err("admin answered status none (unreachable or timed out)".into()),
     }
 }
 
@@ -532,6 +543,21 @@ mod tests {
                 (150, Ev::Tick, &["poll"]),
                 (160, Ev::Ok(2), &["count discovery.ok", "publish 2", "tick 250"]),
             ],
+        );
+    }
+
+    #[test]
+    fn poll_answers() {
+        let body = br#"{"cluster_statuses":[{"name":"chat","host_statuses":[
+            {"address":{"socket_address":{"address":"127.0.0.1","port_value":8001}}}]}]}"#;
+        assert_eq!(poll_answer(Some(b"200"), body, "chat").map(|h| h.len()), Ok(1));
+        assert_eq!(poll_answer(Some(b"200"), body, "other"), Err("cluster not found in the admin output".into()));
+        // A 500 whose body is a valid listing is still a failed poll.
+        assert_eq!(poll_answer(Some(b"500"), body, "chat"), Err("admin answered status 500".into()));
+        assert_eq!(poll_answer(Some(b"\xff"), b"", "chat"), Err("admin answered status \u{fffd}".into()));
+        assert_eq!(
+            poll_answer(None, body, "chat"),
+            Err("admin answered status none (unreachable or timed out)".into())
         );
     }
 

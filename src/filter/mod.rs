@@ -1,6 +1,6 @@
 //! The proxy-wasm shell (wasm32 only). It translates and nothing more: each callback
 //! gathers its inputs (header bytes, time, host set, the served address), calls the pure
-//! core ([`decide`], [`respond`], [`admin::healthy_hosts`], the [`Poller`] and
+//! core ([`decide`], [`respond`], [`discovery::poll_answer`], the [`Poller`] and
 //! [`Startup`] state types) and applies the result or performs the effects.
 //!
 //! One VM per Envoy worker (and one on the main thread); in each, one root context per
@@ -27,7 +27,6 @@ use std::time::Duration;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
-use crate::admin;
 use crate::config::{Config, Discovery, Hosts};
 use crate::decision::{self, Ask, LocalReply, Pending, Scratch, Served, Verdict};
 use crate::discovery::{self, Effect, Poller};
@@ -291,18 +290,14 @@ impl Context for Root {
         self.in_flight = None;
         let Some(cluster) = self.discovery.as_ref().map(|(_, d, _)| d.cluster.clone()) else { return };
         let status = raw::header(MapType::HttpCallResponseHeaders, ":status");
-        let result = if status.as_deref() != Some(b"200") {
-            Err(format!(
-                "admin answered status {}",
-                status.map_or("none (unreachable or timed out)".into(), |s| String::from_utf8_lossy(&s).into_owned())
-            ))
-        } else {
-            let body = proxy_wasm::hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        let body = match status.as_deref() {
+            Some(b"200") => proxy_wasm::hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
                 .ok()
                 .flatten()
-                .unwrap_or_default();
-            admin::healthy_hosts(&body, &cluster).map_err(|e| e.to_string())
+                .unwrap_or_default(),
+            _ => Vec::new(),
         };
+        let result = discovery::poll_answer(status.as_deref(), &body, &cluster);
         let now_ms = now_nanos() / 1_000_000;
         let fx = match self.discovery.as_mut() {
             Some((poller, _, _)) => poller.on_poll_result(result, now_ms),

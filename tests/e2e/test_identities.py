@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import http.client
 import re
+import subprocess
 import textwrap
 import time
 
@@ -229,3 +230,24 @@ def test_the_app_server_recipe_admits_only_the_app_server_and_strips_the_header_
     minted = harness.decode_jwt_payload(r.cookies()["session_token"])["sid"]
     assert seen["headers"]["x-session-id"] == [minted] and minted != "conv-1"
     envoy.wait_stats({"token.unsigned": 2, "token.minted": 1})
+
+
+def test_envoy_refuses_a_client_address_fallback_for_invalid_tokens(tmp_path):
+    """`on_invalid: client_address` (and an out-of-range startup_wait_ms) make
+    on_configure fail with one line naming the field; Envoy then refuses to start."""
+    harness.require_envoy()
+    hosts = [("127.0.0.1", 1, 1)]
+    discovery = {"admin_cluster": "envoy_admin", "cluster": "chat_nodes", "startup_wait_ms": 60001}
+    cases = [
+        (plugin(hosts, on_invalid="client_address"), "on_invalid: cannot be `client_address`"),
+        ({**plugin(hosts), "upstream": {"discovery": discovery}}, "upstream.discovery.startup_wait_ms: must be at most 60000"),
+    ]
+    for i, (p, want) in enumerate(cases):
+        cfg = harness.harness_config(listen=harness.free_port(), admin=harness.free_port(), hosts=hosts, plugin=p)
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        run = subprocess.run([str(harness.ENVOY_BIN), "-c", str(path), "--disable-hot-restart", "--concurrency", "1"],
+                             capture_output=True, text=True, timeout=60, cwd=str(harness.ROOT))
+        assert run.returncode != 0, f"Envoy accepted a bad config ({want})"
+        lines = [l for l in (run.stdout + run.stderr).splitlines() if "invalid configuration" in l]
+        assert len(lines) == 1 and want in lines[0], (want, lines)

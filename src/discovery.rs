@@ -19,12 +19,18 @@
 //! - **Backoff**: after `n` consecutive failed polls the next one waits
 //!   `base × 2^(n−1)` (base: the fast or the steady interval), at most
 //!   [`MAX_BACKOFF_FACTOR`] × `refresh_ms`. A failed poll keeps the last good set.
-//! - **Shared set**: every successful poll publishes its set, stamped with the time, in
-//!   proxy-wasm shared data (process-wide: every VM of the plugin, on every worker and
-//!   the main thread, and every configuration of it). A VM that has not yet seen a
-//!   healthy set adopts a fresh, non-empty published one at once (at configure time and
-//!   on its ticks), then confirms it with its own fast polls. A new configuration's root
-//!   context thus starts with the set its predecessor was using.
+//! - **Settled**: the set holds still (a poll saw it unchanged, or settling gave up). The
+//!   first settled set with a healthy host is reported ([`Effect::Settled`]): it ends the
+//!   startup wait ([`crate::startup`]), so requests held at startup are placed on the
+//!   whole set, not on the first host that passed its health check (which would move
+//!   pinned conversations off their nodes).
+//! - **Shared set**: every successful poll that leaves the set settled publishes it,
+//!   stamped with the time, in proxy-wasm shared data (process-wide: every VM of the
+//!   plugin, on every worker and the main thread, and every configuration of it). A VM
+//!   that has not yet seen a healthy set adopts a fresh, non-empty published one at once
+//!   (at configure time and on its ticks) as settled, and confirms it with its next
+//!   poll. A new configuration's root context thus starts with the set its predecessor
+//!   was using, and holds nothing.
 //!
 //! Time is an argument (milliseconds); tests drive the schedule with a fake clock.
 
@@ -58,6 +64,9 @@ pub enum Effect {
     Tick(u64),
     /// Use this host set from now on.
     Install(Rc<HostSet>),
+    /// The set in use, of this many hosts (at least one), has settled (see the module
+    /// documentation); reported once per settling.
+    Settled(usize),
     /// Write this value to the shared-data key ([`shared_key`]).
     Publish(Vec<u8>),
     /// Read the shared-data key and report it with [`Poller::on_shared`].
@@ -148,6 +157,7 @@ impl Poller {
     /// A poll answered: the healthy hosts it listed, or why it failed.
     pub fn on_poll_result(&mut self, result: Result<Vec<HostSpec>, String>, now_ms: u64) -> Vec<Effect> {
         self.in_flight = false;
+        let was_fast = self.fast();
         let mut fx = Vec::new();
         let result = result.and_then(|specs| match &self.hosts {
             Some(h) if h.same_as(&specs) => Ok(None),
@@ -164,7 +174,10 @@ impl Poller {
                     }
                     None => self.settle_polls = 0,
                 }
-                if let Some(set) = &self.hosts {
+                if let (Some(set), false) = (&self.hosts, self.fast()) {
+                    if was_fast && !set.is_empty() {
+                        fx.push(Effect::Settled(set.len()));
+                    }
                     fx.push(Effect::Publish(encode_shared(set, now_ms)));
                 }
                 self.next_poll_ms = now_ms.saturating_add(self.refresh_ms);
@@ -198,8 +211,8 @@ impl Poller {
     }
 
     /// The shared-data value (see [`Effect::ReadShared`]) at `now_ms`, if any. A VM that
-    /// has not seen a healthy set adopts a fresh, non-empty one, and confirms it with fast
-    /// polls (an adoption counts as a change).
+    /// has not seen a healthy set adopts a fresh, non-empty one as settled (only settled
+    /// sets are published), and confirms it with its next poll, due at once.
     pub fn on_shared(&mut self, value: Option<&[u8]>, now_ms: u64) -> Vec<Effect> {
         let mut fx = Vec::new();
         if self.seen_healthy {
@@ -211,8 +224,11 @@ impl Poller {
             return fx;
         }
         let Ok(set) = HostSet::new(specs) else { return fx };
-        self.settle_polls = 1;
+        self.settle_polls = 0;
+        self.next_poll_ms = now_ms;
+        let n = set.len();
         self.install(Rc::new(set), &mut fx);
+        fx.push(Effect::Settled(n));
         self.retick(&mut fx);
         fx
     }
@@ -332,6 +348,7 @@ mod tests {
                 Effect::Poll => "poll".into(),
                 Effect::Tick(ms) => format!("tick {ms}"),
                 Effect::Install(set) => format!("install {}", set.len()),
+                Effect::Settled(n) => format!("settled {n}"),
                 Effect::Publish(v) => format!("publish {}", String::from_utf8_lossy(v).lines().count() - 1),
                 Effect::ReadShared => "read shared".into(),
                 Effect::Count(c) => format!("count {}", c.name().trim_start_matches("session_affinity.")),
@@ -370,29 +387,32 @@ mod tests {
                 (50, Ev::Tick, &["read shared", "poll"]),
                 // No poll while one is in flight.
                 (100, Ev::Tick, &["read shared"]),
-                // First answer: empty (health checks not passed yet). Still fast.
-                (110, Ev::Ok(0), &["count discovery.ok", "install 0", "publish 0"]),
+                // First answer: empty (health checks not passed yet). Still fast; nothing
+                // settled, nothing published.
+                (110, Ev::Ok(0), &["count discovery.ok", "install 0"]),
                 (150, Ev::Tick, &["read shared", "poll"]),
-                (160, Ev::Ok(0), &["count discovery.ok", "publish 0"]),
+                (160, Ev::Ok(0), &["count discovery.ok"]),
                 (200, Ev::Tick, &["read shared", "poll"]),
                 // One host healthy: a change, so keep polling fast while it settles.
-                (210, Ev::Ok(1), &["count discovery.ok", "install 1", "publish 1"]),
+                (210, Ev::Ok(1), &["count discovery.ok", "install 1"]),
                 (250, Ev::Tick, &["poll"]),
-                (260, Ev::Ok(3), &["count discovery.ok", "install 3", "publish 3"]),
+                (260, Ev::Ok(3), &["count discovery.ok", "install 3"]),
                 (300, Ev::Tick, &["poll"]),
-                // Unchanged: settled, steady ticks (the flush interval, 250 < 500).
-                (310, Ev::Ok(3), &["count discovery.ok", "publish 3", "tick 250"]),
+                // Unchanged: settled (the startup wait ends on the whole set), published,
+                // steady ticks (the flush interval, 250 < 500).
+                (310, Ev::Ok(3), &["count discovery.ok", "settled 3", "publish 3", "tick 250"]),
                 (560, Ev::Tick, &[]),
                 (810, Ev::Tick, &["poll"]),
                 (820, Ev::Ok(3), &["count discovery.ok", "publish 3"]),
-                // A change in steady state: fast until it holds still.
+                // A change in steady state: fast until it holds still, then settled again.
                 (1320, Ev::Tick, &["poll"]),
-                (1330, Ev::Ok(2), &["count discovery.ok", "install 2", "publish 2", "tick 50"]),
+                (1330, Ev::Ok(2), &["count discovery.ok", "install 2", "tick 50"]),
                 (1380, Ev::Tick, &["poll"]),
-                (1390, Ev::Ok(2), &["count discovery.ok", "publish 2", "tick 250"]),
-                // Every host down later: an outage, not a startup; polls stay steady.
+                (1390, Ev::Ok(2), &["count discovery.ok", "settled 2", "publish 2", "tick 250"]),
+                // Every host down later: an outage, not a startup; polls stay steady. An
+                // empty set is published but never reported settled.
                 (1890, Ev::Tick, &["poll"]),
-                (1900, Ev::Ok(0), &["count discovery.ok", "install 0", "publish 0", "tick 50"]),
+                (1900, Ev::Ok(0), &["count discovery.ok", "install 0", "tick 50"]),
                 (1950, Ev::Tick, &["poll"]),
                 (1960, Ev::Ok(0), &["count discovery.ok", "publish 0", "tick 250"]),
                 (2210, Ev::Tick, &[]),
@@ -449,13 +469,13 @@ mod tests {
         assert_eq!(delays, [400, 800, 1600, 2000, 2000, 2000]);
         // Recovery: a good poll resets the streak.
         p.in_flight = true;
-        run(&mut p, &[(5000, Ev::Ok(2), &["count discovery.ok", "install 2", "publish 2"])]);
+        run(&mut p, &[(5000, Ev::Ok(2), &["count discovery.ok", "install 2"])]);
         assert_eq!(p.failures(), 0);
         run(
             &mut p,
             &[
                 (5050, Ev::Tick, &["poll"]),
-                (5060, Ev::Ok(2), &["count discovery.ok", "publish 2", "tick 250"]),
+                (5060, Ev::Ok(2), &["count discovery.ok", "settled 2", "publish 2", "tick 250"]),
                 // Steady failures back off from refresh_ms, keeping the set (no install).
                 (5560, Ev::Tick, &["poll"]),
                 (
@@ -521,11 +541,12 @@ mod tests {
                 (5000, Ev::Shared(Some(b"garbage".to_vec())), &[]),
                 (5000, Ev::Shared(Some(encode_shared(&other, 5000 - 1251))), &[]),
                 (5000, Ev::Shared(Some(encode_shared(&HostSet::default(), 4990))), &[]),
-                (5000, Ev::Shared(Some(encode_shared(&other, 5000 - 1250))), &["install 3"]),
-                // Adopted: no more reading; confirm with a fast poll.
-                (5050, Ev::Tick, &["poll"]),
-                (5060, Ev::Ok(3), &["count discovery.ok", "publish 3", "tick 250"]),
-                (5100, Ev::Shared(Some(encode_shared(&other, 5100))), &[]),
+                // Adopted as settled (only settled sets are published): the startup wait
+                // ends at once; steady ticks; the confirming poll is due at once.
+                (5000, Ev::Shared(Some(encode_shared(&other, 5000 - 1250))), &["install 3", "settled 3", "tick 250"]),
+                (5250, Ev::Tick, &["poll"]),
+                (5260, Ev::Ok(3), &["count discovery.ok", "publish 3"]),
+                (5300, Ev::Shared(Some(encode_shared(&other, 5300))), &[]),
             ],
         );
         // A VM whose own first poll saw an empty set still adopts a healthy shared one,
@@ -536,12 +557,12 @@ mod tests {
             &mut p,
             &[
                 (50, Ev::Tick, &["read shared", "poll"]),
-                (60, Ev::Ok(0), &["count discovery.ok", "install 0", "publish 0"]),
+                (60, Ev::Ok(0), &["count discovery.ok", "install 0"]),
                 (100, Ev::Tick, &["read shared", "poll"]),
-                (101, Ev::Shared(Some(encode_shared(&other, 90))), &["install 3"]),
-                (110, Ev::Ok(2), &["count discovery.ok", "install 2", "publish 2"]),
+                (101, Ev::Shared(Some(encode_shared(&other, 90))), &["install 3", "settled 3", "tick 250"]),
+                (110, Ev::Ok(2), &["count discovery.ok", "install 2", "tick 50"]),
                 (150, Ev::Tick, &["poll"]),
-                (160, Ev::Ok(2), &["count discovery.ok", "publish 2", "tick 250"]),
+                (160, Ev::Ok(2), &["count discovery.ok", "settled 2", "publish 2", "tick 250"]),
             ],
         );
     }

@@ -10,8 +10,9 @@
 //!
 //! Invariants:
 //! - Requests are held only in the starting window: from [`Startup::open`] until the first
-//!   host set with at least one host, or until `wait_ms` has passed, whichever comes
-//!   first. The window never reopens; after it, an empty set means `503` at once (an
+//!   host set with at least one host is reported (the glue reports the discovery
+//!   schedule's first settled set, see [`crate::discovery`]), or until `wait_ms` has
+//!   passed, whichever comes first. The window never reopens; after it, an empty set means `503` at once (an
 //!   outage is not a startup).
 //! - Every held request is released exactly once, in arrival order, unless its stream
 //!   ended first ([`Startup::on_gone`]).

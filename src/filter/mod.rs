@@ -9,9 +9,10 @@
 //! whole when discovery sees a change), the startup window, the metric tally and the
 //! metric ids.
 //!
-//! Held requests: while the startup window is open and no host set is known, a request
-//! is paused (`Action::Pause`) and its context id recorded. When the set arrives (a poll
-//! answer or a set shared by another VM) or the wait has passed, the root context makes
+//! Held requests: while the startup window is open and no settled host set with a healthy
+//! host is known, a request is paused (`Action::Pause`) and its context id recorded. When
+//! such a set arrives (a poll confirmed by the next, or a set shared by another VM) or the
+//! wait has passed, the root context makes
 //! each held stream the effective context (`proxy_set_effective_context`), runs the very
 //! same request phase as an unheld request would ([`serve`]), resumes it
 //! (`proxy_continue_stream`) unless it answered locally, and leaves the response-phase
@@ -114,14 +115,12 @@ impl State {
         }
     }
 
-    /// Puts a host set in use; returns the held requests it releases.
-    fn install(&mut self, set: Rc<HostSet>, now_ms: u64) -> Vec<Released> {
+    /// Puts a host set in use.
+    fn install(&mut self, set: Rc<HostSet>) {
         if let Some(id) = self.ids.gauge {
             let _ = proxy_wasm::hostcalls::record_metric(id, set.len() as u64);
         }
-        let n = set.len();
         self.hosts = set;
-        self.startup.on_hosts(n, now_ms)
     }
 }
 
@@ -236,8 +235,9 @@ impl Root {
                 }
                 Effect::Install(set) => {
                     log::info!("session-affinity: {} healthy hosts in cluster {}", set.len(), d.cluster);
-                    released.extend(self.state.borrow_mut().install(set, now_ms));
+                    self.state.borrow_mut().install(set);
                 }
+                Effect::Settled(n) => released.extend(self.state.borrow_mut().startup.on_hosts(n, now_ms)),
                 Effect::Publish(value) => {
                     raw::set_shared_data(key, &value);
                 }
@@ -341,8 +341,8 @@ impl RootContext for Root {
         let (fx, released) = match hosts {
             Hosts::Static(set) => {
                 self.discovery = None;
-                let mut released = st.startup.restart(now_ms, 0);
-                released.extend(st.install(Rc::new(set), now_ms));
+                let released = st.startup.restart(now_ms, 0);
+                st.install(Rc::new(set));
                 if flush > 0 {
                     let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(u64::from(flush)));
                 }

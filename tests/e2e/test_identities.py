@@ -18,12 +18,12 @@ import http.client
 import re
 import subprocess
 import textwrap
-import time
 
 import yaml
 
-import harness
-from test_startup import with_access_log
+import sa_harness as harness
+
+ACCESS_LOG_FORMAT = "%RESPONSE_CODE% %RESPONSE_CODE_DETAILS%\n"
 
 UNSIGNED_SOURCES = [
     {"header": "x-conversation-id", "unsigned": True},
@@ -52,7 +52,7 @@ def start(stack, *, use_remote_address: bool | None = None, dual_stack: bool = F
     if use_remote_address is not None:
         hcm["use_remote_address"] = use_remote_address
     access = stack.workdir / f"access-{listen}.log"
-    with_access_log(cfg, access)
+    harness.add_access_log(cfg, access, ACCESS_LOG_FORMAT)
     envoy = stack.envoy(cfg)
     return envoy, [b.address for b in backends], access
 
@@ -111,19 +111,8 @@ def test_invalid_unsigned_values_are_401_bad_claims(stack):
         assert r.status == 200, (value, r)
         assert r.json()["headers"]["x-session-id"] == [value.decode()]
     envoy.wait_stats({"token.invalid.bad_claims": len(bad), "outcome.rejected": len(bad), "token.unsigned": 3})
-    lines = wait_lines(access, len(bad) + 3)
+    lines = harness.access_log_lines(access, len(bad) + 3)
     assert [line.split()[:2] for line in lines[: len(bad)]] == [["401", "session_affinity_invalid_token"]] * len(bad)
-
-
-def wait_lines(path, n: int, timeout: float = 15.0) -> list[str]:
-    """Envoy's file access log is flushed on a timer: waits for `n` lines."""
-    deadline = time.time() + timeout
-    while True:
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= n:
-            return lines
-        assert time.time() < deadline, f"{len(lines)} access log lines, want {n}"
-        time.sleep(0.05)
 
 
 def test_client_address_sessions_follow_envoys_source_address(stack):

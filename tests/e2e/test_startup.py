@@ -27,9 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
-import harness
+import sa_harness as harness
 
 ACCESS_LOG_FORMAT = "%RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %REQ(X-LOAD-ID)%\n"
 
@@ -138,28 +136,15 @@ def held_figures(envoy: harness.Envoy, since: int = 0) -> tuple[int, int]:
     return resumed, longest
 
 
-def with_access_log(cfg: dict, path: Path) -> dict:
-    """Adds a file access log with the response-code details to the chat listener."""
-    for l in cfg["static_resources"].get("listeners", []):
-        if l["name"] != "chat":
-            continue
-        hcm = l["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["access_log"] = [{
-            "name": "envoy.access_loggers.file",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": str(path),
-                "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}},
-            },
-        }]
-    return cfg
-
-
-def check_routed(replies: list[Reply], addresses: list[str]) -> None:
+def check_routed(replies: list[Reply], addresses: list[str]) -> int:
     """Every reply is 200 and was routed as the independent ranking says, with the
-    session headers an unheld request gets."""
+    session headers an unheld request gets. The ranking is over the set the VM had: all
+    of `addresses`, or, if some node had not passed Envoy's health check yet, the ones
+    listed (hosts pass their checks one at a time; rendezvous ranking over a subset is the
+    full ranking without the others). Returns how many replies saw a partial set."""
     bad = [(r.status, r.response.body[:120]) for r in replies if r.status != 200]
     assert not bad, f"{len(bad)} of {len(replies)} replies were not 200, e.g. {bad[:5]}"
+    partial = 0
     for r in replies:
         seen = r.seen()
         h = seen["headers"]
@@ -168,13 +153,17 @@ def check_routed(replies: list[Reply], addresses: list[str]) -> None:
             token = r.response.cookies().get("session_token")
             assert token, f"a minted session got no token: {r.response.headers}"
             sid = harness.decode_jwt_payload(token)["sid"]
-        ranking = harness.rank(sid, [(a, 1) for a in addresses])
-        assert seen["address"] == ranking[0], (sid, seen["address"], ranking)
+        listed = h["x-gateway-destination-endpoint"][0].split(",")
+        full = harness.rank(sid, [(a, 1) for a in addresses])
+        if len(listed) < min(3, len(addresses)):
+            partial += 1
+        assert listed == [a for a in full if a in listed][:3], (sid, listed, full)
+        assert seen["address"] == listed[0], (sid, seen["address"], listed)
         assert h["x-session-id"] == [sid]
-        assert h["x-gateway-destination-endpoint"] == [",".join(ranking[:3])]
         assert h["x-session-affinity"] == ["new"]
         ticket = r.response.cookies().get("sa_ticket")
-        assert ticket and harness.verify_jwt(ticket, harness.TICKET_KEY_B64)["node"] == harness.node_id(ranking[0])
+        assert ticket and harness.verify_jwt(ticket, harness.TICKET_KEY_B64)["node"] == harness.node_id(listed[0])
+    return partial
 
 
 def test_a_fresh_envoy_under_load_refuses_nothing(stack):
@@ -199,7 +188,8 @@ def test_a_fresh_envoy_under_load_refuses_nothing(stack):
           f"startup.held {stats.get('startup.held', 0)}, resumed {resumed}, longest hold {longest} ms")
     assert not load.errors, load.errors[:5]
     assert load.count() >= 200
-    check_routed(load.replies, addresses)
+    partial = check_routed(load.replies, addresses)
+    print(f"replies routed over a partial host set (a node not yet healthy in Envoy): {partial}")
     # Every request, held or not, was decided once and counted like any other, in the
     # request phase and in the response phase (served by its primary, a ticket issued,
     # its node's counter).
@@ -293,7 +283,7 @@ def test_with_no_healthy_node_requests_get_503_once_the_wait_has_passed(stack):
     plugin = harness.filter_json(cfg)
     plugin["upstream"]["discovery"]["startup_wait_ms"] = wait_ms
     harness.set_filter_json(cfg, plugin)
-    with_access_log(cfg, access)
+    harness.add_access_log(cfg, access, ACCESS_LOG_FORMAT)
     load = Load(listen, threads=2).start()
     left = threading.Event()
     threading.Thread(target=leave_early, args=(listen, left), daemon=True).start()
@@ -334,17 +324,8 @@ def test_with_no_healthy_node_requests_get_503_once_the_wait_has_passed(stack):
     assert stats["requests"] in (n, n + 1) and stats["outcome.no_host"] == stats["requests"], stats
     assert not harness.wasm_failures(envoy.log_text()), harness.wasm_failures(envoy.log_text())
     # Envoy's response-code details name the reply.
-    lines = wait_access_lines(access, n)
+    lines = harness.access_log_lines(access, n)
     ours = [line.split() for line in lines if line.split()[0] == "503"]
     assert len(ours) >= n and {tuple(f[:2]) for f in ours} == {("503", "session_affinity_no_healthy_upstream")}, lines
     assert sum(f[2] != "-" for f in ours) == load.count()
 
-
-def wait_access_lines(path: Path, n: int, timeout: float = 15.0) -> list[str]:
-    """Envoy's file access log is flushed on a timer: waits for `n` lines."""
-    deadline = time.time() + timeout
-    while True:
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= n or time.time() > deadline:
-            return lines
-        time.sleep(0.05)

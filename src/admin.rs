@@ -21,30 +21,6 @@ use crate::hosts::{self, HostSpec};
 /// Bodies larger than this are refused (an admin listing of ~20k hosts fits).
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
-/// Tick and poll interval, in milliseconds, while discovery polls fast (see [`poll_due`]).
-pub const FAST_POLL_MS: u64 = 50;
-
-/// At most this many fast polls in a row after a change (a flapping cluster must not
-/// turn into 20 admin calls a second for good).
-pub const MAX_SETTLE_POLLS: u32 = 20;
-
-/// True when a discovery poll should start at `now_ms` (none being in flight).
-///
-/// Polls are fast (every tick) while `fast`, that is:
-/// - until a poll has shown at least one healthy host: at startup the first polls
-///   usually run before Envoy's first health-check round has passed, so they answer an
-///   empty set, and while the set is empty every request is a 503;
-/// - right after a poll saw the set change, until a poll sees it unchanged (bounded by
-///   [`MAX_SETTLE_POLLS`]): hosts pass their health checks one at a time, and a set
-///   caught half-way would otherwise be used for a whole `refresh_ms` (in pinned mode,
-///   sessions placed on it stay there).
-///
-/// Otherwise polls follow `next_poll_ms` (one `refresh_ms` after the previous one), even
-/// when every host later goes down: an outage does not turn into fast admin polling.
-pub fn poll_due(now_ms: u64, next_poll_ms: u64, fast: bool) -> bool {
-    fast || now_ms >= next_poll_ms
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AdminError {
     TooLarge(usize),
@@ -195,22 +171,6 @@ mod tests {
         let hosts = healthy_hosts(body.as_bytes(), "c").unwrap();
         assert_eq!(hosts.len(), 1);
         assert_eq!(hosts[0].address, "10.0.0.2:1");
-    }
-
-    #[test]
-    fn polls_every_tick_while_fast() {
-        // (now, next poll, fast) -> due
-        for (now, next, seen, due) in [
-            (0, 0, false, true),
-            (10, 500, false, true),
-            (499, 500, false, true),
-            (10, 500, true, false),
-            (499, 500, true, false),
-            (500, 500, true, true),
-            (900, 500, true, true),
-        ] {
-            assert_eq!(poll_due(now, next, !seen), due, "now={now} next={next} fast={}", !seen);
-        }
     }
 
     #[test]

@@ -138,6 +138,8 @@ pub struct RawSource {
     pub cookie: Option<String>,
     #[serde(default)]
     pub prefix: Option<String>,
+    #[serde(default)]
+    pub unsigned: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,6 +208,8 @@ pub struct RawDiscovery {
     pub refresh_ms: Option<u32>,
     #[serde(default)]
     pub timeout_ms: Option<u32>,
+    #[serde(default)]
+    pub startup_wait_ms: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,6 +229,10 @@ pub enum Action {
     Reject,
     /// Forward without affinity; Envoy's fallback policy places the request.
     Pass,
+    /// The session id `addr:<client IP>` (DESIGN section 3a): IP-hash stickiness for
+    /// clients without tokens. `on_missing` only: an invalid token is never downgraded.
+    #[serde(rename = "client_address")]
+    ClientAddress,
 }
 
 /// How the ticket's node is used.
@@ -240,14 +248,24 @@ pub enum Mode {
 // ---------------------------------------------------------------------------------------
 // Phase 2: the checked configuration.
 
-/// Where a session token may be found.
+/// Where a session token (or, `unsigned`, a session id itself) may be found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     /// A request header (lowercase name), optionally after a case-insensitive prefix
     /// such as `Bearer `.
-    Header { name: String, prefix: Option<String> },
+    Header { name: String, prefix: Option<String>, unsigned: bool },
     /// A cookie.
-    Cookie { name: String },
+    Cookie { name: String, unsigned: bool },
+}
+
+impl Source {
+    /// True when the source carries the session id itself, not a signed token (DESIGN
+    /// section 3a): for trusted callers only.
+    pub fn unsigned(&self) -> bool {
+        match self {
+            Source::Header { unsigned, .. } | Source::Cookie { unsigned, .. } => *unsigned,
+        }
+    }
 }
 
 /// Live host discovery through Envoy's admin API.
@@ -257,6 +275,8 @@ pub struct Discovery {
     pub cluster: String,
     pub refresh_ms: u32,
     pub timeout_ms: u32,
+    /// How long a request that arrives before the first host set is held (0: never).
+    pub startup_wait_ms: u32,
 }
 
 /// Where the healthy host set comes from.
@@ -301,6 +321,8 @@ pub const DEFAULT_FALLBACKS: u32 = 2;
 pub const MAX_FALLBACKS: u32 = 16;
 pub const DEFAULT_REFRESH_MS: u32 = 1000;
 pub const DEFAULT_TIMEOUT_MS: u32 = 500;
+pub const DEFAULT_STARTUP_WAIT_MS: u32 = 2000;
+pub const MAX_STARTUP_WAIT_MS: u32 = 60_000;
 pub const DEFAULT_FLUSH_MS: u32 = 250;
 /// Headers the filter sets upstream; a client's copies are always removed.
 pub const SESSION_ID_HEADER: &str = "x-session-id";
@@ -341,8 +363,8 @@ impl Config {
 
         let sources = match t.sources {
             None => vec![
-                Source::Header { name: "x-session-token".into(), prefix: None },
-                Source::Cookie { name: DEFAULT_MINT_COOKIE.into() },
+                Source::Header { name: "x-session-token".into(), prefix: None, unsigned: false },
+                Source::Cookie { name: DEFAULT_MINT_COOKIE.into(), unsigned: false },
             ],
             Some(list) => {
                 if list.is_empty() {
@@ -351,6 +373,7 @@ impl Config {
                 let mut out = Vec::with_capacity(list.len());
                 for (i, s) in list.into_iter().enumerate() {
                     let field = format!("token.sources[{i}]");
+                    let unsigned = s.unsigned.unwrap_or(false);
                     out.push(match (s.header, s.cookie, s.prefix) {
                         (Some(h), None, prefix) => {
                             let name = header_name(&h).ok_or_else(|| {
@@ -364,13 +387,13 @@ impl Config {
                                     ));
                                 }
                             }
-                            Source::Header { name, prefix }
+                            Source::Header { name, prefix, unsigned }
                         }
                         (None, Some(c), None) => {
                             if !is_token(&c) {
                                 return Err(ConfigError::new(format!("{field}.cookie"), "not a valid cookie name"));
                             }
-                            Source::Cookie { name: c }
+                            Source::Cookie { name: c, unsigned }
                         }
                         (None, Some(_), Some(_)) => {
                             return Err(ConfigError::new(
@@ -513,22 +536,38 @@ impl Config {
                 if timeout_ms == 0 {
                     return Err(ConfigError::new("upstream.discovery.timeout_ms", "must be at least 1"));
                 }
+                let startup_wait_ms = d.startup_wait_ms.unwrap_or(DEFAULT_STARTUP_WAIT_MS);
+                if startup_wait_ms > MAX_STARTUP_WAIT_MS {
+                    return Err(ConfigError::new(
+                        "upstream.discovery.startup_wait_ms",
+                        format!("must be at most {MAX_STARTUP_WAIT_MS}"),
+                    ));
+                }
                 Hosts::Discovery(Discovery {
                     admin_cluster: d.admin_cluster,
                     cluster: d.cluster,
                     refresh_ms,
                     timeout_ms,
+                    startup_wait_ms,
                 })
             }
         };
 
         let metrics_flush_ms = raw.metrics.and_then(|m| m.flush_ms).unwrap_or(DEFAULT_FLUSH_MS);
+        let on_invalid = raw.on_invalid.unwrap_or(Action::Reject);
+        if on_invalid == Action::ClientAddress {
+            return Err(ConfigError::new(
+                "on_invalid",
+                "cannot be `client_address`: an invalid token is never downgraded to the client address \
+                 (use `reject`, `mint` or `pass`)",
+            ));
+        }
 
         Ok(Config {
             sources,
             validator,
             on_missing: raw.on_missing.unwrap_or(Action::Mint),
-            on_invalid: raw.on_invalid.unwrap_or(Action::Reject),
+            on_invalid,
             mint_ttl_seconds: i64::from(mint_ttl),
             mint_cookie,
             ticket,
@@ -876,12 +915,67 @@ mod tests {
         assert_eq!(
             c.sources,
             vec![
-                Source::Header { name: "authorization".into(), prefix: Some("Bearer ".into()) },
-                Source::Cookie { name: "st".into() }
+                Source::Header { name: "authorization".into(), prefix: Some("Bearer ".into()), unsigned: false },
+                Source::Cookie { name: "st".into(), unsigned: false }
             ]
         );
         match c.hosts {
-            Hosts::Discovery(d) => assert_eq!((d.refresh_ms, d.timeout_ms), (200, 500)),
+            Hosts::Discovery(d) => assert_eq!((d.refresh_ms, d.timeout_ms, d.startup_wait_ms), (200, 500, 2000)),
+            Hosts::Static(_) => panic!("expected discovery"),
+        }
+    }
+
+    #[test]
+    fn other_identities() {
+        let json = format!(
+            r#"{{"token":{{"keys":[{{"alg":"HS256","secret_base64":"{K32}"}}],
+                "sources":[{{"header":"X-Conversation-Id","unsigned":true}},{{"cookie":"conv","unsigned":true}},
+                           {{"header":"x-session-token","unsigned":false}}]}},
+               "on_missing":"client_address",
+               "upstream":{{"hosts":[{{"address":"127.0.0.1:8001"}}]}}}}"#
+        );
+        let c = parse(&json).unwrap();
+        assert_eq!(c.on_missing, Action::ClientAddress);
+        assert_eq!(
+            c.sources,
+            vec![
+                Source::Header { name: "x-conversation-id".into(), prefix: None, unsigned: true },
+                Source::Cookie { name: "conv".into(), unsigned: true },
+                Source::Header { name: "x-session-token".into(), prefix: None, unsigned: false },
+            ]
+        );
+        assert!(c.sources[0].unsigned() && !c.sources[2].unsigned());
+        for (doc, want) in [
+            (minimal(r#","on_invalid":"client_address""#), "on_invalid: cannot be `client_address`"),
+            (minimal(r#","on_missing":"client-address""#), "on_missing: unknown variant `client-address`"),
+            (
+                format!(
+                    r#"{{"token":{{"keys":[{{"alg":"HS256","secret_base64":"{K32}"}}],"sources":[{{"header":"a","unsigned":"yes"}}]}},"upstream":{{"hosts":[{{"address":"1.2.3.4:1"}}]}}}}"#
+                ),
+                "token.sources[0].unsigned: invalid type",
+            ),
+            (
+                format!(
+                    r#"{{"token":{{"keys":[{{"alg":"HS256","secret_base64":"{K32}"}}]}},"upstream":{{"discovery":{{"admin_cluster":"a","cluster":"c","startup_wait_ms":60001}}}}}}"#
+                ),
+                "upstream.discovery.startup_wait_ms: must be at most 60000",
+            ),
+            (
+                format!(
+                    r#"{{"token":{{"keys":[{{"alg":"HS256","secret_base64":"{K32}"}}]}},"upstream":{{"discovery":{{"admin_cluster":"a","cluster":"c","startup_wait_ms":-1}}}}}}"#
+                ),
+                "upstream.discovery.startup_wait_ms: invalid value",
+            ),
+        ] {
+            let err = parse(&doc).err().unwrap_or_else(|| panic!("accepted: {doc}")).to_string();
+            assert!(err.contains(want), "got {err:?}, want {want:?}");
+        }
+        let json = format!(
+            r#"{{"token":{{"keys":[{{"alg":"HS256","secret_base64":"{K32}"}}]}},
+               "upstream":{{"discovery":{{"admin_cluster":"a","cluster":"c","startup_wait_ms":0}}}}}}"#
+        );
+        match parse(&json).unwrap().hosts {
+            Hosts::Discovery(d) => assert_eq!(d.startup_wait_ms, 0),
             Hosts::Static(_) => panic!("expected discovery"),
         }
     }

@@ -7,8 +7,16 @@
 //!   counts primary/fallback/errors and returns the `set-cookie` and other headers to
 //!   add (a minted token, a fresh ticket).
 //!
-//! Both take the world as arguments (configuration, headers, host set, `now`, a source of
-//! randomness) and count into a [`Tally`]; the proxy-wasm glue only gathers and applies.
+//! Both take the world as arguments (configuration, headers, host set, `now`, and an
+//! [`Ask`] for the inputs that cost a host call and are needed only by some requests:
+//! randomness for a new session id, the client address) and count into a [`Tally`]; the
+//! proxy-wasm glue only gathers and applies.
+//!
+//! A session is identified (DESIGN sections 3 and 3a) by a signed token, by an unsigned
+//! source (trusted callers), or, when no source is present and `on_missing` says so, by
+//! the client address. Exactly one of `token.valid`, `token.unsigned`, `token.missing`
+//! and `token.invalid.<reason>` is counted per request; `token.minted` and
+//! `token.client_address` come on top of `token.missing`.
 
 use crate::affinity;
 use crate::config::{
@@ -17,7 +25,7 @@ use crate::config::{
 use crate::headers::{self, Header};
 use crate::hosts::{self, HostSet};
 use crate::memo::{Memos, TokenFacts};
-use crate::metrics::{Counter, NodeSlots, Outcome, Tally};
+use crate::metrics::{Counter, Outcome, Tally};
 use crate::ticket::{Ticket, MAX_TICKET_BYTES};
 use crate::token::{self, TokenError};
 
@@ -37,16 +45,18 @@ pub enum Verdict<'c> {
     Reply(LocalReply),
 }
 
-/// A local reply.
+/// A local reply (every one the filter can send is listed in docs/protocol.md).
 #[derive(Debug, PartialEq, Eq)]
 pub struct LocalReply {
     pub status: u32,
+    /// Envoy's response-code details (`%RESPONSE_CODE_DETAILS%` in access logs).
+    pub details: &'static str,
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
 }
 
 /// What the response phase needs to know about the request.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pending {
     /// The session, when the request was affined.
     pub session: Option<String>,
@@ -54,11 +64,14 @@ pub struct Pending {
     pub minted: Option<String>,
     /// The request's usable ticket.
     pub ticket: Option<Ticket>,
+    /// Whether the session takes tickets: every affined session but one identified by
+    /// the client address.
+    pub tickets: bool,
     /// Address of the chosen node (first entry of the override header).
     pub primary: Option<String>,
-    /// The chosen node's `h64` and counter slot, so the usual response (served by the
-    /// primary) needs no host-set lookup.
-    pub primary_node: Option<(u64, usize)>,
+    /// The chosen node's `h64`, so the usual response (served by the primary) needs no
+    /// host-set lookup.
+    pub primary_node: Option<u64>,
 }
 
 /// Rejection reason for a missing token under `reject`.
@@ -76,20 +89,59 @@ impl Scratch {
     pub fn new(seed: u64) -> Scratch {
         Scratch { tally: Tally::default(), memos: Memos::new(seed) }
     }
+
+    /// A configuration was applied: the memo, which holds the verdicts of the previous
+    /// configuration's keys and settings, starts empty (re-seeded with `seed`). Counts not
+    /// yet flushed are kept.
+    pub fn new_config(&mut self, seed: u64) {
+        self.memos = Memos::new(seed);
+    }
 }
 
-/// Decides a request. `random` is asked for 16 bytes only when a session is minted.
+/// The inputs a decision asks the host for only when it needs them: each is a host call
+/// the usual request does not make.
+pub trait Ask {
+    /// 16 random bytes, for a new session id (only when a session is minted).
+    fn random(&mut self) -> Option<[u8; 16]>;
+    /// Envoy's `source.address` property: the downstream client as `ip:port` (only
+    /// under `on_missing: client_address`, for a request without any session source).
+    fn source_address(&mut self) -> Option<Vec<u8>>;
+}
+
+/// Fixed answers to [`Ask`], for tests and tools.
+#[derive(Clone, Debug, Default)]
+pub struct Given {
+    pub random: Option<[u8; 16]>,
+    pub source_address: Option<String>,
+}
+
+impl Given {
+    pub fn random(bytes: [u8; 16]) -> Given {
+        Given { random: Some(bytes), source_address: None }
+    }
+}
+
+impl Ask for Given {
+    fn random(&mut self) -> Option<[u8; 16]> {
+        self.random
+    }
+    fn source_address(&mut self) -> Option<Vec<u8>> {
+        self.source_address.as_ref().map(|a| a.as_bytes().to_vec())
+    }
+}
+
+/// Decides a request.
 pub fn decide<'c>(
     cfg: &'c Config,
     request: &[Header<'_>],
     hosts: &HostSet,
     now: i64,
-    random: &mut dyn FnMut() -> Option<[u8; 16]>,
+    ask: &mut dyn Ask,
     scratch: &mut Scratch,
 ) -> Decision<'c> {
     scratch.tally.add(Counter::Requests);
     let remove = spoofed(cfg, request);
-    let verdict = verdict(cfg, request, hosts, now, random, scratch);
+    let verdict = verdict(cfg, request, hosts, now, ask, scratch);
     Decision { remove, verdict }
 }
 
@@ -115,19 +167,30 @@ fn verdict<'c>(
     request: &[Header<'_>],
     hosts: &HostSet,
     now: i64,
-    random: &mut dyn FnMut() -> Option<[u8; 16]>,
+    ask: &mut dyn Ask,
     scratch: &mut Scratch,
 ) -> Verdict<'c> {
-    // Step 2-3: the session token.
-    let (action, reason) = match find_token(cfg, request) {
+    // Step 2-3: the session token, or an unsigned session id.
+    let (action, reason) = match find_source(cfg, request) {
         None => {
             scratch.tally.add(Counter::TokenMissing);
             (cfg.on_missing, MISSING)
         }
-        Some(raw) => match check_token(cfg, raw, now, scratch) {
+        Some((source, raw)) if source.unsigned() => match unsigned_session(raw) {
+            Some(session) => {
+                scratch.tally.add(Counter::TokenUnsigned);
+                let h = affinity::h64(session.as_bytes());
+                return affined(cfg, request, hosts, now, Session::new(session, h), scratch);
+            }
+            None => {
+                scratch.tally.add(Counter::TokenInvalid(TokenError::BadClaims));
+                (cfg.on_invalid, TokenError::BadClaims.reason())
+            }
+        },
+        Some((_, raw)) => match check_token(cfg, raw, now, scratch) {
             Ok(facts) => {
                 scratch.tally.add(Counter::TokenValid);
-                return affined(cfg, request, hosts, now, facts.session, facts.session_h64, None, scratch);
+                return affined(cfg, request, hosts, now, Session::new(facts.session, facts.session_h64), scratch);
             }
             Err(e) => {
                 scratch.tally.add(Counter::TokenInvalid(e));
@@ -142,15 +205,27 @@ fn verdict<'c>(
             Verdict::Reply(unauthorized(reason))
         }
         Action::Pass => {
-            tally.add(Counter::Outcome(Outcome::Unaffined));
+            tally.add(Counter::Outcome(Outcome::Unaffined)); // no session
             Verdict::Forward { set: Vec::new(), pending: Pending::default() }
         }
+        Action::ClientAddress => match ask.source_address().as_deref().and_then(client_address_session) {
+            Some(session) => {
+                tally.add(Counter::TokenClientAddress);
+                let h = affinity::h64(session.as_bytes());
+                affined(cfg, request, hosts, now, Session { tickets: false, ..Session::new(session, h) }, scratch)
+            }
+            // No IP client address (a Unix socket listener, say): nothing to be sticky on.
+            None => {
+                tally.add(Counter::Outcome(Outcome::Unaffined));
+                Verdict::Forward { set: Vec::new(), pending: Pending::default() }
+            }
+        },
         Action::Mint => {
             if hosts.is_empty() {
                 tally.add(Counter::Outcome(Outcome::NoHost));
                 return Verdict::Reply(no_healthy_upstream());
             }
-            let minted = random().and_then(|r| {
+            let minted = ask.random().and_then(|r| {
                 let session = token::new_session_id(&r);
                 let tok = cfg.validator.mint(&session, now, cfg.mint_ttl_seconds)?;
                 Some((session, tok))
@@ -159,32 +234,84 @@ fn verdict<'c>(
                 Some((session, tok)) => {
                     tally.add(Counter::TokenMinted);
                     let h = affinity::h64(session.as_bytes());
-                    affined(cfg, request, hosts, now, session, h, Some(tok), scratch)
+                    affined(
+                        cfg,
+                        request,
+                        hosts,
+                        now,
+                        Session { minted: Some(tok), ..Session::new(session, h) },
+                        scratch,
+                    )
                 }
                 None => {
                     tally.add(Counter::Outcome(Outcome::Rejected));
-                    Verdict::Reply(internal_error())
+                    Verdict::Reply(no_randomness())
                 }
             }
         }
     }
 }
 
+/// An identified session, on its way to a node.
+struct Session {
+    id: String,
+    h64: u64,
+    /// The token of a session minted by this request.
+    minted: Option<String>,
+    /// Whether tickets are read and issued (not for client-address sessions).
+    tickets: bool,
+}
+
+impl Session {
+    fn new(id: String, h64: u64) -> Session {
+        Session { id, h64, minted: None, tickets: true }
+    }
+}
+
+/// The session id an unsigned source carries (DESIGN section 3a): 1 to 256 bytes of
+/// visible ASCII (0x21-0x7E), else `None` (the request is invalid, `bad_claims`).
+pub fn unsigned_session(raw: &[u8]) -> Option<String> {
+    if raw.is_empty() || raw.len() > MAX_UNSIGNED_BYTES || !raw.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return None;
+    }
+    String::from_utf8(raw.to_vec()).ok()
+}
+
+/// Longest session id an unsigned source may carry.
+pub const MAX_UNSIGNED_BYTES: usize = 256;
+
+/// The session id of a client identified by its address (DESIGN section 3a): `addr:`
+/// followed by the IP of Envoy's `source.address` (`ip:port`, IPv6 in brackets), without
+/// the port. The IP is written in its canonical text form: IPv4 dotted decimal, IPv6
+/// lowercase with the longest run of zero groups compressed (RFC 5952) and no brackets;
+/// an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) counts as its IPv4 address. `None` when
+/// the address is not an IP one (a Unix socket, say).
+pub fn client_address_session(address: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(address).ok()?;
+    let ip = match text.parse::<std::net::SocketAddr>() {
+        Ok(sa) => sa.ip(),
+        Err(_) => text.parse::<std::net::IpAddr>().ok()?,
+    };
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    Some(format!("addr:{ip}"))
+}
+
 /// Steps 4-6 for a request that has a session.
-#[allow(clippy::too_many_arguments)]
 fn affined<'c>(
     cfg: &'c Config,
     request: &[Header<'_>],
     hosts: &HostSet,
     now: i64,
-    session: String,
-    session_h64: u64,
-    minted: Option<String>,
+    session: Session,
     scratch: &mut Scratch,
 ) -> Verdict<'c> {
+    let Session { id: session, h64: session_h64, minted, tickets } = session;
     // Step 4: the ticket, only for a session that existed before this request.
-    let ticket = match (&cfg.ticket, &minted) {
-        (Some(tc), None) => {
+    let ticket = match (&cfg.ticket, &minted, tickets) {
+        (Some(tc), None, true) => {
             let raw = headers::first(request, TICKET_HEADER).or_else(|| headers::cookie(request, &tc.cookie));
             match raw.map(headers::trim) {
                 Some(raw) => {
@@ -266,22 +393,32 @@ fn affined<'c>(
             session: Some(session),
             minted,
             ticket,
+            tickets,
             primary: Some(chosen.address.clone()),
-            primary_node: Some((chosen.h64, chosen.slot)),
+            primary_node: Some(chosen.h64),
         },
     }
 }
 
-/// The first configured source that is present. A header source with a prefix is present
-/// only when the value starts with the prefix (so `Authorization: Basic ...` is skipped).
-pub fn find_token<'a>(cfg: &Config, request: &[Header<'a>]) -> Option<&'a [u8]> {
-    cfg.sources.iter().find_map(|s| match s {
-        Source::Header { name, prefix: None } => headers::first(request, name).map(headers::trim),
-        Source::Header { name, prefix: Some(p) } => {
-            headers::first(request, name).and_then(|v| headers::strip_prefix_ci(headers::trim(v), p)).map(headers::trim)
-        }
-        Source::Cookie { name } => headers::cookie(request, name),
+/// The first configured source that is present, and its value. A header source with a
+/// prefix is present only when the value starts with the prefix (so `Authorization:
+/// Basic ...` is skipped).
+pub fn find_source<'c, 'a>(cfg: &'c Config, request: &[Header<'a>]) -> Option<(&'c Source, &'a [u8])> {
+    cfg.sources.iter().find_map(|s| {
+        let value = match s {
+            Source::Header { name, prefix: None, .. } => headers::first(request, name).map(headers::trim),
+            Source::Header { name, prefix: Some(p), .. } => headers::first(request, name)
+                .and_then(|v| headers::strip_prefix_ci(headers::trim(v), p))
+                .map(headers::trim),
+            Source::Cookie { name, .. } => headers::cookie(request, name),
+        };
+        value.map(|v| (s, v))
     })
+}
+
+/// The value of the first configured source that is present (see [`find_source`]).
+pub fn find_token<'a>(cfg: &Config, request: &[Header<'a>]) -> Option<&'a [u8]> {
+    find_source(cfg, request).map(|(_, v)| v)
 }
 
 /// Client headers that spell one the filter sets upstream.
@@ -300,10 +437,12 @@ pub fn spoofed(cfg: &Config, request: &[Header<'_>]) -> Vec<String> {
     out
 }
 
-/// The contract's 401.
+/// The contract's 401: a missing token under `on_missing: reject`, or an invalid one
+/// under `on_invalid: reject`.
 pub fn unauthorized(reason: &str) -> LocalReply {
     LocalReply {
         status: 401,
+        details: if reason == MISSING { "session_affinity_missing_token" } else { "session_affinity_invalid_token" },
         headers: vec![
             ("content-type", "application/json".into()),
             ("www-authenticate", r#"Bearer error="invalid_token""#.into()),
@@ -312,21 +451,47 @@ pub fn unauthorized(reason: &str) -> LocalReply {
     }
 }
 
-/// The contract's 503.
+/// The contract's 503: no healthy host for a request that needs one.
 pub fn no_healthy_upstream() -> LocalReply {
     LocalReply {
         status: 503,
+        details: "session_affinity_no_healthy_upstream",
         headers: vec![("content-type", "application/json".into())],
         body: r#"{"error":"no_healthy_upstream"}"#.into(),
     }
 }
 
-fn internal_error() -> LocalReply {
+/// 500: the host gave no randomness for a new session id (never expected).
+pub fn no_randomness() -> LocalReply {
     LocalReply {
         status: 500,
+        details: "session_affinity_no_randomness",
         headers: vec![("content-type", "application/json".into())],
         body: r#"{"error":"internal","detail":"no randomness for a new session"}"#.into(),
     }
+}
+
+/// 500: the request headers could not be read from the host (never expected). Refusing
+/// is the safe answer: without them the filter can neither strip spoofed headers nor
+/// find the session.
+pub fn unreadable_headers() -> LocalReply {
+    LocalReply {
+        status: 500,
+        details: "session_affinity_unreadable_headers",
+        headers: vec![("content-type", "application/json".into())],
+        body: r#"{"error":"internal","detail":"request headers unreadable"}"#.into(),
+    }
+}
+
+/// Every local reply the filter can send, one of each kind (for docs and tests).
+pub fn all_local_replies() -> Vec<LocalReply> {
+    vec![
+        unauthorized(MISSING),
+        unauthorized(TokenError::Expired.reason()),
+        no_healthy_upstream(),
+        no_randomness(),
+        unreadable_headers(),
+    ]
 }
 
 /// What the response phase observed.
@@ -344,7 +509,6 @@ pub fn respond(
     pending: &Pending,
     served: Served<'_>,
     hosts: &HostSet,
-    slots: &mut NodeSlots,
     now: i64,
     tally: &mut Tally,
 ) -> Vec<(&'static str, String)> {
@@ -354,27 +518,38 @@ pub fn respond(
         tally.add(Counter::UpstreamErrors);
     }
     let on_primary = served.address.is_some() && served.address == pending.primary.as_deref();
-    // (h64, counter slot) of the node that served.
+    // The node that served, by `h64(host key)`; its key names its counter (asked for
+    // only the first time this VM counts the node).
     let node = match (served.address, pending.primary_node) {
-        (Some(_), Some(p)) if on_primary => Some(p),
-        (Some(addr), _) => Some(match hosts.by_address(addr).and_then(|i| hosts.hosts().get(i)) {
-            Some(h) => (h.h64, h.slot),
-            None => (affinity::h64(addr.as_bytes()), slots.slot(&hosts::metric_label(addr))),
-        }),
+        (Some(_), Some(p)) if on_primary => {
+            tally.add_node(p, || {
+                hosts
+                    .by_node(p)
+                    .and_then(|i| hosts.hosts().get(i))
+                    .map_or_else(|| pending.primary.clone().unwrap_or_default(), |h| h.key.clone())
+            });
+            Some(p)
+        }
+        (Some(addr), _) => {
+            let (h, key) = match hosts.by_address(addr).and_then(|i| hosts.hosts().get(i)) {
+                Some(h) => (h.h64, h.key.as_str()),
+                // Not in the set: its host key is its address.
+                None => (affinity::h64(addr.as_bytes()), addr),
+            };
+            tally.add_node(h, || key.to_string());
+            Some(h)
+        }
         (None, _) => None,
     };
-    if let Some((_, slot)) = node {
-        tally.add_node(slot);
-        if pending.primary.is_some() {
-            tally.add(if on_primary { Counter::ServedPrimary } else { Counter::ServedFallback });
-        }
+    if node.is_some() && pending.primary.is_some() {
+        tally.add(if on_primary { Counter::ServedPrimary } else { Counter::ServedFallback });
     }
     let Some(session) = &pending.session else { return add };
     if let Some(tok) = &pending.minted {
         add.push(("set-cookie", cookie(&cfg.mint_cookie, tok, cfg.mint_ttl_seconds)));
         add.push((TOKEN_HEADER, tok.clone()));
     }
-    if let (Some(tc), Some((node, _)), false) = (&cfg.ticket, node, failed) {
+    if let (Some(tc), Some(node), false, true) = (&cfg.ticket, node, failed, pending.tickets) {
         let fresh = match &pending.ticket {
             Some(t) => t.node != node || tc.tickets.needs_refresh(t, now),
             None => true,

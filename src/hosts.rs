@@ -2,8 +2,11 @@
 //!
 //! A [`HostSet`] is built once per change of the set (static configuration, or a
 //! discovery poll that saw a different set) and then shared read-only by every request:
-//! host hashes, node ids, metric names, the weight classes of the ranking and the
-//! lookup tables (by node id, by address) are all computed here, never per request.
+//! host hashes, node ids, the weight classes of the ranking and the lookup tables (by
+//! node id, by address) are all computed here, never per request.
+//!
+//! Routing types know nothing of metrics: a node is named by its host key and `h64`,
+//! and the metrics layer ([`crate::metrics`]) derives counter names from the key.
 //!
 //! Host keys follow DESIGN section 5: `ip:port` as Envoy prints it (`[2001:db8::1]:8080`
 //! for IPv6) unless a static host sets its own `key`.
@@ -13,7 +16,6 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use crate::affinity::{self, Candidate, WeightClasses};
-use crate::metrics::NodeSlots;
 
 /// A host as configured or discovered, before hashing.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -36,10 +38,6 @@ pub struct Host {
     pub h64: u64,
     /// Lowercase hex of `h64`, 16 digits: the node id clients and nodes see.
     pub node_id: String,
-    /// `<node>` in `session_affinity.node.<node>.requests`.
-    pub metric_label: String,
-    /// Slot of the per-node counter (see [`NodeSlots`]); set by [`HostSet::assign_slots`].
-    pub slot: usize,
 }
 
 impl Candidate for Host {
@@ -54,7 +52,8 @@ impl Candidate for Host {
     }
 }
 
-/// An immutable set of hosts, ready for ranking.
+/// An immutable set of hosts, ready for ranking. Two sets are equal when they hold the
+/// same hosts (address, key, weight), whatever order they were listed in.
 #[derive(Clone, Debug, Default)]
 pub struct HostSet {
     specs: Vec<HostSpec>,
@@ -63,6 +62,14 @@ pub struct HostSet {
     by_node: HashMap<u64, usize>,
     by_address: HashMap<String, usize>,
 }
+
+impl PartialEq for HostSet {
+    fn eq(&self, other: &HostSet) -> bool {
+        self.specs == other.specs
+    }
+}
+
+impl Eq for HostSet {}
 
 /// Why a list of hosts cannot form a set.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,19 +109,15 @@ impl HostSet {
                 weight: spec.weight,
                 h64: h,
                 node_id: node_id(h),
-                metric_label: metric_label(&spec.address),
-                slot: 0,
             });
         }
         let classes = WeightClasses::new(&hosts);
         Ok(HostSet { specs, hosts, classes, by_node, by_address })
     }
 
-    /// Gives every host its per-node counter slot.
-    pub fn assign_slots(&mut self, slots: &mut NodeSlots) {
-        for h in &mut self.hosts {
-            h.slot = slots.slot(&h.metric_label);
-        }
+    /// The specs the set was built from, sorted.
+    pub fn specs(&self) -> &[HostSpec] {
+        &self.specs
     }
 
     /// The hosts, in the set's (sorted) order.
@@ -174,11 +177,6 @@ pub fn parse_node_id(s: &str) -> Option<u64> {
     u64::from_str_radix(s, 16).ok()
 }
 
-/// `<node>` of the per-node metric: the host key with `.`, `:`, `[`, `]` as `_`.
-pub fn metric_label(address: &str) -> String {
-    address.chars().map(|c| if matches!(c, '.' | ':' | '[' | ']') { '_' } else { c }).collect()
-}
-
 /// Parses `ip:port` (IPv6 in brackets) and returns Envoy's canonical spelling of it, or
 /// `None` when it is not a literal socket address (host names are not allowed: the
 /// override header needs addresses).
@@ -216,12 +214,6 @@ mod tests {
         assert_eq!(canonical_address("127.0.0.1:99999"), None);
         assert_eq!(join_address("::1", 9000).as_deref(), Some("[::1]:9000"));
         assert_eq!(join_address("10.0.0.1", 70000), None);
-    }
-
-    #[test]
-    fn metric_labels() {
-        assert_eq!(metric_label("127.0.0.1:8001"), "127_0_0_1_8001");
-        assert_eq!(metric_label("[2001:db8::1]:8080"), "_2001_db8__1__8080");
     }
 
     #[test]

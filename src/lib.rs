@@ -19,11 +19,14 @@
 //! - [`affinity`]: the affinity function (weighted rendezvous hashing).
 //! - [`hosts`]: the healthy host set, hashed once per change.
 //! - [`admin`]: parsing Envoy's admin `/clusters?format=json` for live discovery.
+//! - [`discovery`]: the discovery schedule (fast, settling, steady, backoff, shared set).
+//! - [`startup`]: holding requests until the first host set (`startup_wait_ms`).
 //! - [`headers`]: request headers as bytes (wire map, cookies, spoofing checks).
-//! - [`decision`]: the per-request policy, `decide` and `respond`.
+//! - [`decision`]: the per-request policy, `decide` and `respond`; session identities.
 //! - [`memo`]: per-VM memo of recent successful token and ticket checks.
 //! - [`metrics`]: metric names and the in-VM tally flushed to Envoy.
-//! - `filter` (wasm32 only): root and HTTP contexts; gathers inputs, applies decisions.
+//! - `filter` (wasm32 only): root and HTTP contexts; gathers inputs, applies decisions
+//!   and the effects of the discovery and startup state types.
 
 // `unsafe` is denied crate-wide; only `filter::raw` (one host call the SDK cannot make
 // without panicking on non-UTF-8 input) opts out.
@@ -33,11 +36,13 @@ pub mod admin;
 pub mod affinity;
 pub mod config;
 pub mod decision;
+pub mod discovery;
 pub mod headers;
 pub mod hosts;
 pub mod jws;
 pub mod memo;
 pub mod metrics;
+pub mod startup;
 pub mod ticket;
 pub mod token;
 

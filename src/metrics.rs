@@ -5,8 +5,13 @@
 //! `metrics.flush_ms` is 0), so the per-request cost is a few additions instead of one
 //! host call per counter. A flush writes every delta of the batch together, so
 //! `requests` always equals the sum of `outcome.*` once flushed.
+//!
+//! Per-node counters are keyed by the node's identity, `h64(host key)`, and named after
+//! its host key ([`node_label`]): routing types carry no metric state, and the glue maps
+//! a node to its Envoy metric id when it first flushes a count for it.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::token::TokenError;
 
@@ -59,13 +64,19 @@ pub enum Counter {
     UpstreamErrors,
     DiscoveryOk,
     DiscoveryFailed,
+    /// A session identified by an unsigned source (DESIGN section 3a).
+    TokenUnsigned,
+    /// A session identified by the client address (`on_missing: client_address`).
+    TokenClientAddress,
+    /// A request held at startup until the first host set (or `startup_wait_ms`).
+    StartupHeld,
 }
 
 const OUTCOMES: [Outcome; 6] =
     [Outcome::New, Outcome::Sticky, Outcome::Moved, Outcome::Unaffined, Outcome::Rejected, Outcome::NoHost];
 
 /// Number of fixed counters.
-pub const COUNTERS: usize = 1 + 6 + 3 + 8 + 2 + 2 + 1 + 2;
+pub const COUNTERS: usize = 1 + 6 + 3 + 8 + 2 + 2 + 1 + 2 + 3;
 
 impl Counter {
     /// Every fixed counter, in index order.
@@ -82,6 +93,9 @@ impl Counter {
             Counter::UpstreamErrors,
             Counter::DiscoveryOk,
             Counter::DiscoveryFailed,
+            Counter::TokenUnsigned,
+            Counter::TokenClientAddress,
+            Counter::StartupHeld,
         ]);
         v
     }
@@ -102,6 +116,9 @@ impl Counter {
             Counter::UpstreamErrors => 22,
             Counter::DiscoveryOk => 23,
             Counter::DiscoveryFailed => 24,
+            Counter::TokenUnsigned => 25,
+            Counter::TokenClientAddress => 26,
+            Counter::StartupHeld => 27,
         }
     }
 
@@ -121,14 +138,23 @@ impl Counter {
             Counter::UpstreamErrors => "upstream.errors".into(),
             Counter::DiscoveryOk => "discovery.ok".into(),
             Counter::DiscoveryFailed => "discovery.failed".into(),
+            Counter::TokenUnsigned => "token.unsigned".into(),
+            Counter::TokenClientAddress => "token.client_address".into(),
+            Counter::StartupHeld => "startup.held".into(),
         };
         format!("{PREFIX}.{tail}")
     }
 }
 
-/// Name of the per-node counter for a node label (see [`crate::hosts::metric_label`]).
-pub fn node_metric(label: &str) -> String {
-    format!("{PREFIX}.node.{label}.requests")
+/// `<node>` of the per-node metrics: the host key (DESIGN section 5: the static host's
+/// `key` when set, else its address) with `.`, `:`, `[`, `]` as `_`.
+pub fn node_label(host_key: &str) -> String {
+    host_key.chars().map(|c| if matches!(c, '.' | ':' | '[' | ']') { '_' } else { c }).collect()
+}
+
+/// Name of the per-node request counter of a host key.
+pub fn node_metric(host_key: &str) -> String {
+    format!("{PREFIX}.node.{}.requests", node_label(host_key))
 }
 
 /// Name of the healthy-hosts gauge.
@@ -140,14 +166,22 @@ pub fn hosts_healthy_gauge() -> String {
 #[derive(Clone, Debug)]
 pub struct Tally {
     fixed: [u64; COUNTERS],
-    /// Per-node counts by slot (see [`NodeSlots`]).
-    nodes: Vec<u64>,
+    /// Per-node counts, by `h64(host key)`. Entries stay after a flush (at zero), so
+    /// counting a known node never allocates.
+    nodes: HashMap<u64, NodeCount, BuildHasherDefault<H64Hasher>>,
     dirty: bool,
+}
+
+/// The pending count of one node, and its host key (for the metric's name).
+#[derive(Clone, Debug)]
+struct NodeCount {
+    key: String,
+    count: u64,
 }
 
 impl Default for Tally {
     fn default() -> Self {
-        Tally { fixed: [0; COUNTERS], nodes: Vec::new(), dirty: false }
+        Tally { fixed: [0; COUNTERS], nodes: HashMap::default(), dirty: false }
     }
 }
 
@@ -159,33 +193,30 @@ impl Tally {
         }
     }
 
-    pub fn add_node(&mut self, slot: usize) {
-        if self.nodes.len() <= slot {
-            self.nodes.resize(slot + 1, 0);
-        }
-        if let Some(n) = self.nodes.get_mut(slot) {
-            *n += 1;
-            self.dirty = true;
-        }
+    /// Counts a request served by node `h64`. `key` gives its host key; it is asked for
+    /// only the first time this tally sees the node.
+    pub fn add_node(&mut self, h64: u64, key: impl FnOnce() -> String) {
+        self.nodes.entry(h64).or_insert_with(|| NodeCount { key: key(), count: 0 }).count += 1;
+        self.dirty = true;
     }
 
     pub fn is_dirty(&self) -> bool {
         self.dirty
     }
 
-    /// Hands every non-zero delta to `emit` (fixed counters by index, then node slots)
-    /// and resets them.
-    pub fn drain(&mut self, mut emit: impl FnMut(Delta)) {
+    /// Hands every non-zero delta to `emit` (fixed counters by index, then nodes) and
+    /// resets them.
+    pub fn drain(&mut self, mut emit: impl FnMut(Delta<'_>)) {
         for (i, v) in self.fixed.iter_mut().enumerate() {
             if *v > 0 {
                 emit(Delta::Fixed(i, *v));
                 *v = 0;
             }
         }
-        for (i, v) in self.nodes.iter_mut().enumerate() {
-            if *v > 0 {
-                emit(Delta::Node(i, *v));
-                *v = 0;
+        for (h64, n) in self.nodes.iter_mut() {
+            if n.count > 0 {
+                emit(Delta::Node { h64: *h64, key: &n.key, count: n.count });
+                n.count = 0;
             }
         }
         self.dirty = false;
@@ -196,51 +227,45 @@ impl Tally {
         self.fixed.get(c.index()).copied().unwrap_or(0)
     }
 
-    /// The pending count of a node slot.
-    pub fn get_node(&self, slot: usize) -> u64 {
-        self.nodes.get(slot).copied().unwrap_or(0)
+    /// The pending count of node `h64`.
+    pub fn get_node(&self, h64: u64) -> u64 {
+        self.nodes.get(&h64).map_or(0, |n| n.count)
+    }
+
+    /// The host key this tally names node `h64` by.
+    pub fn node_key(&self, h64: u64) -> Option<&str> {
+        self.nodes.get(&h64).map(|n| n.key.as_str())
     }
 }
 
 /// One pending increment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Delta {
+pub enum Delta<'a> {
     /// Fixed counter by [`Counter::index`].
     Fixed(usize, u64),
-    /// Per-node counter by slot.
-    Node(usize, u64),
+    /// Per-node request counter: the node's `h64` and host key.
+    Node { h64: u64, key: &'a str, count: u64 },
 }
 
-/// Stable slots for per-node counters: a node keeps its slot (and its Envoy metric id)
-/// across host-set changes, so counts are never attributed to another node.
-#[derive(Clone, Debug, Default)]
-pub struct NodeSlots {
-    by_label: HashMap<String, usize>,
-    labels: Vec<String>,
-}
+/// A hasher for keys that are already uniform hashes (`h64` is SHA-256-derived): the
+/// key itself, so a per-node count costs no SipHash.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct H64Hasher(u64);
 
-impl NodeSlots {
-    /// The slot of `label`, allocated on first use.
-    pub fn slot(&mut self, label: &str) -> usize {
-        if let Some(s) = self.by_label.get(label) {
-            return *s;
+impl Hasher for H64Hasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is expected; anything else is folded in, never lost.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
         }
-        let s = self.labels.len();
-        self.labels.push(label.to_string());
-        self.by_label.insert(label.to_string(), s);
-        s
     }
 
-    pub fn label(&self, slot: usize) -> Option<&str> {
-        self.labels.get(slot).map(String::as_str)
-    }
-
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -261,7 +286,9 @@ mod tests {
         assert_eq!(names.len(), COUNTERS);
         assert!(names.contains(&"session_affinity.token.invalid.not_yet_valid".to_string()));
         assert!(names.contains(&"session_affinity.outcome.no_host".to_string()));
-        assert_eq!(node_metric("127_0_0_1_8001"), "session_affinity.node.127_0_0_1_8001.requests");
+        assert_eq!(node_metric("127.0.0.1:8001"), "session_affinity.node.127_0_0_1_8001.requests");
+        assert!(names.contains(&"session_affinity.token.unsigned".to_string()));
+        assert!(names.contains(&"session_affinity.token.client_address".to_string()));
     }
 
     #[test]
@@ -270,21 +297,23 @@ mod tests {
         assert!(!t.is_dirty());
         t.add(Counter::Requests);
         t.add(Counter::Requests);
-        t.add_node(3);
+        t.add_node(7, || "127.0.0.1:8001".into());
+        t.add_node(7, || panic!("the key is asked for once"));
         let mut seen = vec![];
-        t.drain(|d| seen.push(d));
-        assert_eq!(seen, vec![Delta::Fixed(0, 2), Delta::Node(3, 1)]);
+        t.drain(|d| seen.push(format!("{d:?}")));
+        assert_eq!(seen, vec!["Fixed(0, 2)", r#"Node { h64: 7, key: "127.0.0.1:8001", count: 2 }"#]);
         let mut again = 0;
         t.drain(|_| again += 1);
         assert_eq!(again, 0);
+        // A node seen before keeps its key after a drain.
+        t.add_node(7, || panic!("known node"));
+        assert_eq!((t.get_node(7), t.node_key(7)), (1, Some("127.0.0.1:8001")));
     }
 
     #[test]
-    fn slots_are_stable() {
-        let mut s = NodeSlots::default();
-        assert_eq!(s.slot("a"), 0);
-        assert_eq!(s.slot("b"), 1);
-        assert_eq!(s.slot("a"), 0);
-        assert_eq!(s.label(1), Some("b"));
+    fn node_metrics_are_named_by_host_key() {
+        assert_eq!(node_label("127.0.0.1:8001"), "127_0_0_1_8001");
+        assert_eq!(node_label("[2001:db8::1]:8080"), "_2001_db8__1__8080");
+        assert_eq!(node_metric("node-a.zone:1"), "session_affinity.node.node-a_zone_1.requests");
     }
 }

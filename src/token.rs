@@ -7,7 +7,10 @@
 //! No claim is read before the signature has been verified.
 //!
 //! Claims are checked in this order: `exp`, `nbf`, `iat` (type only), `iss`, `aud`, the
-//! session claim. A claim of the wrong type is `bad_claims` at its turn.
+//! session claim. A claim whose type the contract fixes (`exp`, `nbf`, `iat` numbers;
+//! `iss` a string; `aud` a string or an array of strings; the session claim a non-empty
+//! string) is `bad_claims` at its turn when it has another type, whether or not an
+//! issuer or audience is configured.
 
 use std::fmt;
 
@@ -167,20 +170,28 @@ impl Validator {
         if let Some(v) = iat {
             v.as_num().ok_or(TokenError::BadClaims)?;
         }
+        // `iss` is a string whenever present; it must equal `issuer` when one is set.
+        let iss = match iss {
+            Some(Claim::Str(s)) => Some(s),
+            Some(_) => return Err(TokenError::BadClaims),
+            None => None,
+        };
         if let Some(issuer) = &self.issuer {
-            if iss.as_ref().and_then(Claim::as_str) != Some(issuer.as_str()) {
+            if iss.as_deref() != Some(issuer.as_str()) {
                 return Err(TokenError::BadClaims);
             }
         }
-        if let Some(audience) = &self.audience {
-            let ok = match &aud {
-                Some(Claim::Str(a)) => a == audience,
-                Some(Claim::Arr { strings, .. }) => strings.iter().any(|a| a == audience),
-                _ => false,
-            };
-            if !ok {
-                return Err(TokenError::BadClaims);
-            }
+        // `aud` is a string or an array of strings whenever present (`["chat", 5]` is
+        // refused even though it contains "chat"); it must contain `audience` when set.
+        let aud_ok = match (&aud, &self.audience) {
+            (Some(Claim::Str(a)), Some(audience)) => a == audience,
+            (Some(Claim::Arr { strings, all_strings: true }), Some(audience)) => strings.iter().any(|a| a == audience),
+            (Some(Claim::Str(_)) | Some(Claim::Arr { all_strings: true, .. }), None) => true,
+            (Some(_), _) => false,
+            (None, audience) => audience.is_none(),
+        };
+        if !aud_ok {
+            return Err(TokenError::BadClaims);
         }
         match session {
             Some(Claim::Str(s)) if valid_session_id(&s) => Ok(Valid { session: s.into_owned(), exp, nbf }),
@@ -308,14 +319,82 @@ mod tests {
             json!({"sid":"","exp":100}),
             json!({"sid":"a\r\nb","exp":100}),
             json!({"sid":["s"],"exp":100}),
+            json!({"sid":"s","exp":null}),
+            json!({"sid":"s","exp":100,"iat":null}),
+            // iss and aud have fixed types even when no issuer or audience is configured.
+            json!({"sid":"s","exp":100,"iss":7}),
+            json!({"sid":"s","exp":100,"iss":["a"]}),
+            json!({"sid":"s","exp":100,"iss":null}),
+            json!({"sid":"s","exp":100,"aud":5}),
+            json!({"sid":"s","exp":100,"aud":["chat",5]}),
+            json!({"sid":"s","exp":100,"aud":[["chat"]]}),
+            json!({"sid":"s","exp":100,"aud":{"chat":true}}),
+            json!({"sid":"s","exp":100,"aud":null}),
         ] {
             let t = make(k, json!({"alg":"HS256","kid":"a"}), payload.clone());
             assert_eq!(v.validate(t.as_bytes(), 0), Err(TokenError::BadClaims), "{payload}");
+        }
+        for payload in [
+            json!({"sid":"s","exp":100,"iss":"anyone","aud":"anything"}),
+            json!({"sid":"s","exp":100,"aud":[]}),
+            json!({"sid":"s","exp":100,"aud":["a","b"]}),
+        ] {
+            let t = make(k, json!({"alg":"HS256","kid":"a"}), payload.clone());
+            assert!(v.validate(t.as_bytes(), 0).is_ok(), "{payload}");
         }
         let mut no_exp = validator();
         no_exp.require_exp = false;
         let t = make(k, json!({"alg":"HS256","kid":"a"}), json!({"sid":"s"}));
         assert!(no_exp.validate(t.as_bytes(), 0).is_ok());
+    }
+
+    #[test]
+    fn configured_issuer_and_audience() {
+        let mut v = validator();
+        v.issuer = Some("iss".into());
+        v.audience = Some("chat".into());
+        let k = &v.keys[0].mac;
+        let cases = [
+            (json!({"sid":"s","exp":100,"iss":"iss","aud":"chat"}), Ok(())),
+            (json!({"sid":"s","exp":100,"iss":"iss","aud":["other","chat"]}), Ok(())),
+            (json!({"sid":"s","exp":100,"iss":"iss","aud":["chat",5]}), Err(TokenError::BadClaims)),
+            (json!({"sid":"s","exp":100,"iss":"iss","aud":[5,"chat"]}), Err(TokenError::BadClaims)),
+            (json!({"sid":"s","exp":100,"iss":"iss","aud":["other"]}), Err(TokenError::BadClaims)),
+            (json!({"sid":"s","exp":100,"iss":"iss","aud":[]}), Err(TokenError::BadClaims)),
+            (json!({"sid":"s","exp":100,"iss":"iss"}), Err(TokenError::BadClaims)),
+            (json!({"sid":"s","exp":100,"aud":"chat"}), Err(TokenError::BadClaims)),
+            (json!({"sid":"s","exp":100,"iss":"ISS","aud":"chat"}), Err(TokenError::BadClaims)),
+            // Order: the time claims come before the others.
+            (json!({"sid":"s","exp":1,"iss":7,"aud":5}), Err(TokenError::Expired)),
+            (json!({"sid":"s","exp":100,"nbf":50,"aud":5}), Err(TokenError::NotYetValid)),
+        ];
+        for (payload, want) in cases {
+            let t = make(k, json!({"alg":"HS256","kid":"a"}), payload.clone());
+            assert_eq!(v.validate(t.as_bytes(), 10).map(|_| ()), want, "{payload}");
+        }
+    }
+
+    #[test]
+    fn header_checks_in_order() {
+        // The documented order (docs/protocol.md): alg, then crit, then the kid's type,
+        // then the key, then the key's alg.
+        let v = validator();
+        let k = &v.keys[0].mac;
+        let p = json!({"sid":"s","exp":100});
+        for (header, want) in [
+            (json!({"alg":"none","crit":["x"],"kid":7}), TokenError::DisallowedAlg),
+            (json!({"alg":"HS256","crit":["x"],"kid":7}), TokenError::Malformed),
+            (json!({"alg":"HS256","crit":[],"kid":"zz"}), TokenError::Malformed),
+            (json!({"alg":"HS256","kid":7}), TokenError::Malformed),
+            (json!({"alg":"HS256","kid":null}), TokenError::Malformed),
+            (json!({"alg":"HS256","kid":"zz"}), TokenError::UnknownKey),
+            (json!({"alg":"HS256","kid":"c"}), TokenError::DisallowedAlg),
+            (json!({"alg":7}), TokenError::DisallowedAlg),
+            (json!({"alg":"HS384"}), TokenError::DisallowedAlg),
+        ] {
+            let t = make(k, header.clone(), p.clone());
+            assert_eq!(v.validate(t.as_bytes(), 0), Err(want), "{header}");
+        }
     }
 
     #[test]

@@ -6,11 +6,11 @@
 use serde_json::json;
 use session_affinity::affinity;
 use session_affinity::config::Config;
-use session_affinity::decision::{decide, respond, Decision, Pending, Scratch, Served, Verdict};
+use session_affinity::decision::{decide, respond, Decision, Given, Pending, Scratch, Served, Verdict};
 use session_affinity::headers::Header;
 use session_affinity::hosts::{node_id, HostSet};
 use session_affinity::jws::{self, Alg, MacKey};
-use session_affinity::metrics::{Counter, NodeSlots, Outcome, Tally};
+use session_affinity::metrics::{Counter, Outcome, Tally};
 use session_affinity::token::TokenError;
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -60,8 +60,7 @@ fn jws_key(b64: &str) -> Vec<u8> {
 
 fn run<'c>(cfg: &'c Config, set: &HostSet, headers: &[(&str, &str)], tally: &mut Scratch) -> Decision<'c> {
     let hs: Vec<Header<'_>> = headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())).collect();
-    let mut random = || Some([7u8; 16]);
-    decide(cfg, &hs, set, NOW, &mut random, tally)
+    decide(cfg, &hs, set, NOW, &mut Given::random([7u8; 16]), tally)
 }
 
 fn forwarded<'a>(d: &'a Decision<'_>) -> (&'a [(&'a str, String)], &'a Pending) {
@@ -332,9 +331,7 @@ fn no_healthy_host_is_503() {
 #[test]
 fn respond_issues_tickets_and_counts() {
     let cfg = config(json!({}));
-    let mut set = hosts(&cfg);
-    let mut slots = NodeSlots::default();
-    set.assign_slots(&mut slots);
+    let set = hosts(&cfg);
     let sid = "conv-2";
     let rank = set.rank(sid.as_bytes());
     let primary = set.hosts()[rank[0]].clone();
@@ -345,19 +342,13 @@ fn respond_issues_tickets_and_counts() {
         session: Some(sid.into()),
         minted: None,
         ticket: None,
+        tickets: true,
         primary: Some(primary.address.clone()),
         primary_node: None,
     };
     let mut tally = Tally::default();
-    let add = respond(
-        &cfg,
-        &pending,
-        Served { address: Some(&primary.address), status: Some(200) },
-        &set,
-        &mut slots,
-        NOW,
-        &mut tally,
-    );
+    let add =
+        respond(&cfg, &pending, Served { address: Some(&primary.address), status: Some(200) }, &set, NOW, &mut tally);
     let cookie = add.iter().find(|(n, _)| *n == "set-cookie").map(|(_, v)| v.clone()).unwrap();
     assert!(cookie.starts_with("sa_ticket="));
     assert!(cookie.ends_with("; Max-Age=86400; Path=/; HttpOnly; Secure; SameSite=Lax"));
@@ -367,7 +358,7 @@ fn respond_issues_tickets_and_counts() {
     assert!(!raw.contains(&primary.address));
     assert_eq!(tally.get(Counter::ServedPrimary), 1);
     assert_eq!(tally.get(Counter::TicketIssued), 1);
-    assert_eq!(tally.get_node(primary.slot), 1);
+    assert_eq!(tally.get_node(primary.h64), 1);
 
     // Same node again with a fresh ticket: nothing to send.
     let pending = Pending { ticket: Some(t), ..pending };
@@ -377,7 +368,6 @@ fn respond_issues_tickets_and_counts() {
         &pending,
         Served { address: Some(&primary.address), status: Some(200) },
         &set,
-        &mut slots,
         NOW + 1,
         &mut tally,
     );
@@ -391,7 +381,6 @@ fn respond_issues_tickets_and_counts() {
         &pending,
         Served { address: Some(&fallback.address), status: Some(200) },
         &set,
-        &mut slots,
         NOW + 1,
         &mut tally,
     );
@@ -404,8 +393,7 @@ fn respond_issues_tickets_and_counts() {
         [Served { address: Some(&primary.address), status: Some(503) }, Served { address: None, status: None }]
     {
         let mut tally = Tally::default();
-        let add =
-            respond(&cfg, &Pending { ticket: None, ..pending_of(sid) }, served, &set, &mut slots, NOW, &mut tally);
+        let add = respond(&cfg, &Pending { ticket: None, ..pending_of(sid) }, served, &set, NOW, &mut tally);
         assert_eq!(tally.get(Counter::UpstreamErrors), 1);
         assert!(add.iter().all(|(n, _)| *n != "x-session-ticket"));
     }
@@ -413,15 +401,8 @@ fn respond_issues_tickets_and_counts() {
     // A minted session gets its token back as a cookie and a header.
     let mut tally = Tally::default();
     let pending = Pending { minted: Some("tok".into()), ..pending_of(sid) };
-    let add = respond(
-        &cfg,
-        &pending,
-        Served { address: Some(&primary.address), status: Some(200) },
-        &set,
-        &mut slots,
-        NOW,
-        &mut tally,
-    );
+    let add =
+        respond(&cfg, &pending, Served { address: Some(&primary.address), status: Some(200) }, &set, NOW, &mut tally);
     assert!(add
         .contains(&("set-cookie", "session_token=tok; Max-Age=86400; Path=/; HttpOnly; Secure; SameSite=Lax".into())));
     assert!(add.contains(&("x-session-token", "tok".into())));
@@ -432,6 +413,7 @@ fn pending_of(sid: &str) -> Pending {
         session: Some(sid.into()),
         minted: None,
         ticket: None,
+        tickets: true,
         primary: Some("127.0.0.1:8001".into()),
         primary_node: None,
     }
@@ -467,7 +449,7 @@ fn memoized_checks_give_the_same_answers() {
     let mut scratch = Scratch::new(9);
     let tok = token("memo", NOW + 10);
     let hs: Vec<Header<'_>> = vec![(b"x-session-token", tok.as_bytes())];
-    let mut random = || Some([7u8; 16]);
+    let mut random = Given::random([7u8; 16]);
     // Same answer from scratch and from the memo, until the exact second of expiry.
     for now in [NOW, NOW + 5, NOW + 9] {
         let d = decide(&cfg, &hs, &set, now, &mut random, &mut scratch);
@@ -497,4 +479,291 @@ fn memoized_checks_give_the_same_answers() {
     let d = run(&cfg, &set, &[("x-session-token", &other), ("x-session-ticket", &t)], &mut scratch);
     assert_eq!(header(forwarded(&d).0, "x-session-affinity"), Some("new"));
     assert_eq!(scratch.tally.get(Counter::TicketIgnored), 1);
+}
+
+/// Answers `Ask` with fixed values and counts how often each was asked for.
+#[derive(Default)]
+struct Counting {
+    source_address: Option<String>,
+    asked_random: usize,
+    asked_address: usize,
+}
+
+impl session_affinity::decision::Ask for Counting {
+    fn random(&mut self) -> Option<[u8; 16]> {
+        self.asked_random += 1;
+        Some([9u8; 16])
+    }
+    fn source_address(&mut self) -> Option<Vec<u8>> {
+        self.asked_address += 1;
+        self.source_address.as_ref().map(|a| a.as_bytes().to_vec())
+    }
+}
+
+fn unsigned_config(extra: serde_json::Value) -> Config {
+    let mut c = json!({
+        "token": {
+            "keys": [{"kid": "k1", "alg": "HS256", "secret_base64": KEY}],
+            "sources": [{"header": "x-conversation-id", "unsigned": true}, {"cookie": "conv", "unsigned": true},
+                        {"header": "x-session-token"}],
+        },
+        "on_invalid": "reject",
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    config(c)
+}
+
+#[test]
+fn unsigned_sources_carry_the_session_id() {
+    let cfg = unsigned_config(json!({}));
+    let set = hosts(&cfg);
+    let tok = token("signed", NOW + 60);
+    let long = "x".repeat(256);
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("x-conversation-id", "conv-42")], "conv-42"),
+        (vec![("cookie", "a=1; conv=from-cookie")], "from-cookie"),
+        (vec![("cookie", "conv=\"quoted\"")], "quoted"),
+        // Sources in order: the first present one wins, signed or not.
+        (vec![("x-session-token", &tok), ("x-conversation-id", "first")], "first"),
+        (vec![("x-session-token", &tok), ("cookie", "conv=second")], "second"),
+        (vec![("x-session-token", &tok)], "signed"),
+        (vec![("x-conversation-id", "!~{}\"'\\")], "!~{}\"'\\"),
+        (vec![("x-conversation-id", &long)], &long),
+        // Envoy trims header values; so does the filter.
+        (vec![("x-conversation-id", " padded\t")], "padded"),
+    ];
+    for (hs, want) in cases {
+        let mut scratch = Scratch::new(1);
+        let d = run(&cfg, &set, &hs, &mut scratch);
+        let (hdrs, pending) = forwarded(&d);
+        assert_eq!(header(hdrs, "x-session-id"), Some(want), "{hs:?}");
+        assert_eq!(header(hdrs, "x-gateway-destination-endpoint").unwrap(), expected_override(&set, want, 3));
+        assert_eq!(header(hdrs, "x-session-affinity"), Some("new"));
+        assert!(pending.tickets && pending.minted.is_none());
+        let signed = want == "signed";
+        assert_eq!(scratch.tally.get(Counter::TokenUnsigned), u64::from(!signed));
+        assert_eq!(scratch.tally.get(Counter::TokenValid), u64::from(signed));
+        assert_eq!(scratch.tally.get(Counter::Outcome(Outcome::New)), 1);
+    }
+}
+
+#[test]
+fn unsigned_values_outside_the_contract_are_bad_claims() {
+    let long = "x".repeat(257);
+    let tok = token("signed", NOW + 60);
+    fn h<'a>(n: &'a [u8], v: &'a [u8]) -> Header<'a> {
+        (n, v)
+    }
+    let id = b"x-conversation-id".as_slice();
+    let bad: Vec<Vec<Header<'_>>> = vec![
+        vec![h(id, b"")],
+        vec![h(id, long.as_bytes())],
+        vec![h(id, b"has space")],
+        vec![h(id, b"tab\there")],
+        vec![h(id, b"nul\0")],
+        vec![h(id, b"del\x7f")],
+        vec![h(id, "caf\u{e9}".as_bytes())],
+        vec![h(id, b"\xff")],
+        vec![h(b"cookie", b"conv=")],
+        // An invalid unsigned source is not skipped for a later one.
+        vec![h(id, b"a b"), h(b"x-session-token", tok.as_bytes())],
+    ];
+    for (action, want) in [("reject", 401u32), ("pass", 0), ("mint", 1)] {
+        let cfg = unsigned_config(json!({"on_invalid": action}));
+        let set = hosts(&cfg);
+        for hs in &bad {
+            let mut scratch = Scratch::new(1);
+            let d = decide(&cfg, hs, &set, NOW, &mut Given::random([3u8; 16]), &mut scratch);
+            assert_eq!(scratch.tally.get(Counter::TokenInvalid(TokenError::BadClaims)), 1, "{hs:?}");
+            assert_eq!(scratch.tally.get(Counter::TokenUnsigned), 0);
+            match (&d.verdict, want) {
+                (Verdict::Reply(r), 401) => {
+                    assert_eq!(r.status, 401);
+                    assert_eq!(r.body, r#"{"error":"invalid_session_token","reason":"bad_claims"}"#);
+                    assert_eq!(r.details, "session_affinity_invalid_token");
+                }
+                (Verdict::Forward { set, .. }, 0) => assert!(set.is_empty()),
+                (Verdict::Forward { pending, .. }, 1) => assert!(pending.minted.is_some()),
+                (v, _) => panic!("{action}: unexpected {v:?} for {hs:?}"),
+            }
+        }
+    }
+    assert_eq!(session_affinity::decision::unsigned_session(b"!~"), Some("!~".into()));
+    assert_eq!(session_affinity::decision::unsigned_session(&[b'a'; 256]).map(|s| s.len()), Some(256));
+}
+
+#[test]
+fn unsigned_sessions_use_tickets_like_signed_ones() {
+    let cfg = unsigned_config(json!({}));
+    let set = hosts(&cfg);
+    let sid = "trusted-7";
+    let rank = set.rank(sid.as_bytes());
+    let other = set.hosts()[rank[2]].h64;
+    let t = ticket(sid, other);
+    let mut scratch = Scratch::new(1);
+    let d = run(&cfg, &set, &[("x-conversation-id", sid), ("x-session-ticket", &t)], &mut scratch);
+    let (hdrs, pending) = forwarded(&d);
+    assert_eq!(header(hdrs, "x-session-affinity"), Some("sticky"), "pinned to the ticket's node");
+    assert_eq!(pending.primary.as_deref(), Some(set.hosts()[rank[2]].address.as_str()));
+    // The response issues a ticket for the node that served.
+    let fresh = Pending { ticket: None, ..pending.clone() };
+    let add = respond(
+        &cfg,
+        &fresh,
+        Served { address: fresh.primary.as_deref(), status: Some(200) },
+        &set,
+        NOW,
+        &mut Tally::default(),
+    );
+    let raw = add.iter().find(|(n, _)| *n == "x-session-ticket").map(|(_, v)| v.clone()).unwrap();
+    assert_eq!(cfg.ticket.as_ref().unwrap().tickets.verify(raw.as_bytes(), sid, NOW).unwrap().node, other);
+}
+
+#[test]
+fn client_address_sessions() {
+    let cfg = config(json!({"on_missing": "client_address"}));
+    let set = hosts(&cfg);
+    let cases = [
+        ("127.0.0.1:54321", "addr:127.0.0.1"),
+        ("10.1.2.3:1", "addr:10.1.2.3"),
+        ("[2001:DB8:0:0:0:0:0:1]:443", "addr:2001:db8::1"),
+        ("[::1]:80", "addr:::1"),
+        ("[fe80::1:0:0:1]:80", "addr:fe80::1:0:0:1"),
+        // An IPv4 client on a dual-stack listener, as a mapped address: its IPv4 address.
+        ("[::ffff:192.0.2.7]:9", "addr:192.0.2.7"),
+        // A bare IP (no port) is taken as it is.
+        ("192.0.2.8", "addr:192.0.2.8"),
+    ];
+    for (address, want) in cases {
+        let mut ask = Counting { source_address: Some(address.into()), ..Counting::default() };
+        let mut scratch = Scratch::new(1);
+        // A ticket in the request is not read: client-address sessions take none.
+        let t = ticket(want, set.hosts()[0].h64);
+        let hs: Vec<Header<'_>> = vec![(b"x-session-ticket", t.as_bytes())];
+        let d = decide(&cfg, &hs, &set, NOW, &mut ask, &mut scratch);
+        let (hdrs, pending) = forwarded(&d);
+        assert_eq!(header(hdrs, "x-session-id"), Some(want), "{address}");
+        assert_eq!(header(hdrs, "x-gateway-destination-endpoint").unwrap(), expected_override(&set, want, 3));
+        assert_eq!(header(hdrs, "x-session-affinity"), Some("new"));
+        assert!(pending.minted.is_none() && pending.ticket.is_none() && !pending.tickets);
+        assert_eq!((ask.asked_address, ask.asked_random), (1, 0));
+        assert_eq!(scratch.tally.get(Counter::TokenMissing), 1);
+        assert_eq!(scratch.tally.get(Counter::TokenClientAddress), 1);
+        assert_eq!(scratch.tally.get(Counter::TicketIgnored), 0);
+        // No ticket and no token on the response.
+        let add = respond(
+            &cfg,
+            pending,
+            Served { address: pending.primary.as_deref(), status: Some(200) },
+            &set,
+            NOW,
+            &mut Tally::default(),
+        );
+        assert!(add.is_empty(), "{add:?}");
+    }
+    // Not an IP address (a Unix socket listener): forwarded without affinity.
+    for address in [Some("/tmp/envoy.sock"), Some("envoy://internal"), None] {
+        let mut ask = Counting { source_address: address.map(Into::into), ..Counting::default() };
+        let mut scratch = Scratch::new(1);
+        let d = decide(&cfg, &[], &set, NOW, &mut ask, &mut scratch);
+        assert!(forwarded(&d).0.is_empty());
+        assert_eq!(scratch.tally.get(Counter::Outcome(Outcome::Unaffined)), 1);
+        assert_eq!(scratch.tally.get(Counter::TokenClientAddress), 0);
+    }
+    // No healthy host: the contract's 503.
+    let mut ask = Counting { source_address: Some("127.0.0.1:1".into()), ..Counting::default() };
+    let d = decide(&cfg, &[], &HostSet::new(vec![]).unwrap(), NOW, &mut ask, &mut Scratch::new(1));
+    assert!(matches!(d.verdict, Verdict::Reply(ref r) if r.status == 503));
+    // A request with a token never asks for the address; an invalid one is not
+    // downgraded to it (on_invalid cannot be client_address).
+    for hs in [vec![("x-session-token", token("s", NOW + 60))], vec![("x-session-token", "garbage".to_string())]] {
+        let hs: Vec<Header<'_>> = hs.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())).collect();
+        let mut ask = Counting { source_address: Some("127.0.0.1:1".into()), ..Counting::default() };
+        let _ = decide(&cfg, &hs, &set, NOW, &mut ask, &mut Scratch::new(1));
+        assert_eq!(ask.asked_address, 0);
+    }
+}
+
+#[test]
+fn every_local_reply_has_its_own_details() {
+    let all = session_affinity::decision::all_local_replies();
+    let mut details: Vec<&str> = all.iter().map(|r| r.details).collect();
+    details.sort();
+    details.dedup();
+    assert_eq!(details.len(), all.len(), "{details:?}");
+    for r in &all {
+        assert!(r.details.starts_with("session_affinity_"), "{}", r.details);
+        assert!(r.details.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{}", r.details);
+        assert!(r.headers.contains(&("content-type", "application/json".into())));
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert!(body["error"].is_string());
+    }
+    // No randomness for a new session: a 500 with its own details, counted rejected.
+    let cfg = config(json!({}));
+    let mut scratch = Scratch::new(1);
+    let d = decide(&cfg, &[], &hosts(&cfg), NOW, &mut Given::default(), &mut scratch);
+    match d.verdict {
+        Verdict::Reply(r) => assert_eq!((r.status, r.details), (500, "session_affinity_no_randomness")),
+        _ => panic!("expected 500"),
+    }
+    assert_eq!(scratch.tally.get(Counter::Outcome(Outcome::Rejected)), 1);
+}
+
+#[test]
+fn node_counters_are_keyed_by_the_host_key() {
+    let cfg = config(json!({"upstream": {"hosts": [
+        {"address": "127.0.0.1:8001", "key": "node-a"}, {"address": "127.0.0.1:8002"}]}}));
+    let set = hosts(&cfg);
+    let a = set.hosts().iter().find(|h| h.key == "node-a").unwrap().clone();
+    let b = set.hosts().iter().find(|h| h.address == "127.0.0.1:8002").unwrap().clone();
+    let mut tally = Tally::default();
+    let pending = Pending {
+        session: Some("s".into()),
+        tickets: true,
+        primary: Some(a.address.clone()),
+        primary_node: Some(a.h64),
+        ..Pending::default()
+    };
+    for served in [&a.address, &b.address, &"10.9.9.9:1".to_string()] {
+        respond(&cfg, &pending, Served { address: Some(served), status: Some(200) }, &set, NOW, &mut tally);
+    }
+    assert_eq!(tally.node_key(a.h64), Some("node-a"));
+    assert_eq!(tally.node_key(b.h64), Some("127.0.0.1:8002"));
+    assert_eq!(tally.node_key(affinity::h64(b"10.9.9.9:1")), Some("10.9.9.9:1"));
+    let mut names = vec![];
+    tally.drain(|d| {
+        if let session_affinity::metrics::Delta::Node { key, count, .. } = d {
+            names.push((session_affinity::metrics::node_metric(key), count));
+        }
+    });
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            ("session_affinity.node.10_9_9_9_1.requests".to_string(), 1),
+            ("session_affinity.node.127_0_0_1_8002.requests".to_string(), 1),
+            ("session_affinity.node.node-a.requests".to_string(), 1),
+        ]
+    );
+}
+
+#[test]
+fn a_new_configuration_starts_an_empty_memo() {
+    let cfg = config(json!({}));
+    let set = hosts(&cfg);
+    let tok = token("memo-reset", NOW + 60);
+    let mut scratch = Scratch::new(5);
+    let _ = run(&cfg, &set, &[("x-session-token", &tok)], &mut scratch);
+    assert!(scratch.memos.tokens.get(tok.as_bytes()).is_some());
+    scratch.tally.add(Counter::DiscoveryOk);
+    scratch.new_config(6);
+    assert!(scratch.memos.tokens.get(tok.as_bytes()).is_none(), "a removed key's token must be checked again");
+    assert_eq!(scratch.tally.get(Counter::DiscoveryOk), 1, "counts not yet flushed are kept");
+    // A key removed by the new configuration refuses the token memoized under the old.
+    let other = config(json!({"token": {"keys": [{"kid": "k2", "alg": "HS256", "secret_base64": TICKET_KEY}],
+                         "sources": [{"header": "x-session-token"}]}}));
+    let d = run(&other, &set, &[("x-session-token", &tok)], &mut scratch);
+    assert!(matches!(d.verdict, Verdict::Reply(ref r) if r.body.contains("unknown_key")));
 }

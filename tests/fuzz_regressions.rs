@@ -7,10 +7,10 @@
 
 use serde_json::json;
 use session_affinity::config::{Config, Hosts};
-use session_affinity::decision::{decide, respond, Scratch, Served, Verdict};
+use session_affinity::decision::{decide, respond, Given, Scratch, Served, Verdict};
 use session_affinity::headers::Header;
 use session_affinity::jws::{self, Alg, MacKey};
-use session_affinity::metrics::{Counter, NodeSlots, Tally};
+use session_affinity::metrics::{Counter, Tally};
 use session_affinity::ticket::MAX_TICKET_BYTES;
 use session_affinity::token::TokenError;
 
@@ -125,19 +125,12 @@ fn no_ticket_that_could_never_come_back() {
         );
         let request: Vec<Header<'_>> = vec![(b"x-session-token", tok.as_bytes())];
         let mut scratch = Scratch::new(1);
-        let d = decide(&cfg, &request, hosts, NOW, &mut || None, &mut scratch);
+        let d = decide(&cfg, &request, hosts, NOW, &mut Given::default(), &mut scratch);
         let Verdict::Forward { pending, .. } = d.verdict else { panic!("forward expected") };
         let primary = pending.primary.clone().unwrap();
         let mut tally = Tally::default();
-        let add = respond(
-            &cfg,
-            &pending,
-            Served { address: Some(&primary), status: Some(200) },
-            hosts,
-            &mut NodeSlots::default(),
-            NOW,
-            &mut tally,
-        );
+        let add =
+            respond(&cfg, &pending, Served { address: Some(&primary), status: Some(200) }, hosts, NOW, &mut tally);
         let tickets: Vec<&String> = add.iter().filter(|(n, _)| *n == "x-session-ticket").map(|(_, v)| v).collect();
         assert_eq!(tickets.len(), usize::from(issued), "session of {len} bytes");
         assert_eq!(tally.get(Counter::TicketIssued), u64::from(issued));

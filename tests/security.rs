@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 use session_affinity::config::{Config, Hosts};
-use session_affinity::decision::{decide, Scratch, Verdict};
+use session_affinity::decision::{decide, Given, Scratch, Verdict};
 use session_affinity::headers::Header;
 use session_affinity::token::TokenError;
 
@@ -75,7 +75,7 @@ fn route(cfg: &Config, token: &str, ticket: Option<&str>) -> (String, String, Op
         h.push((b"x-session-ticket", t.as_bytes()));
     }
     let mut scratch = Scratch::new(3);
-    let d = decide(cfg, &h, set, NOW, &mut || None, &mut scratch);
+    let d = decide(cfg, &h, set, NOW, &mut Given::default(), &mut scratch);
     let Verdict::Forward { set: hs, .. } = d.verdict else { panic!("forward expected") };
     let get = |n: &str| hs.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone());
     let node = get("x-gateway-destination-endpoint").unwrap().split(',').next().unwrap().to_string();

@@ -1,7 +1,7 @@
 //! Configuration fuzzing helpers: the secrets seeded into configurations (none may ever
 //! appear in an error or in `Debug` output), the VM environment, and the invariants.
 
-use session_affinity::config::{Config, ConfigError, Hosts, MAX_FALLBACKS};
+use session_affinity::config::{Action, Config, ConfigError, Hosts, MAX_FALLBACKS, MAX_STARTUP_WAIT_MS};
 
 /// Secrets used by the seeds, the structured generator and the environment.
 pub const SECRETS: &[&str] = &[
@@ -81,9 +81,11 @@ pub fn check(bytes: &[u8]) {
             for k in &c.validator.keys {
                 assert!(k.kid.as_deref() != Some(""));
             }
-            if let Hosts::Static(set) = &c.hosts {
-                assert!(!set.is_empty());
+            match &c.hosts {
+                Hosts::Static(set) => assert!(!set.is_empty()),
+                Hosts::Discovery(d) => assert!(d.startup_wait_ms <= MAX_STARTUP_WAIT_MS),
             }
+            assert_ne!(c.on_invalid, Action::ClientAddress, "an invalid token is never downgraded");
         }
     }
 }

@@ -109,6 +109,7 @@ fn token(u: &mut Unstructured<'_>) -> R<Value> {
             })?;
             maybe(u, &mut s, "cookie", false, |u| pick(u, &["session_token", "sa;ticket", ""]))?;
             maybe(u, &mut s, "prefix", false, |u| pick(u, &["Bearer ", "", "\u{1}"]))?;
+            maybe(u, &mut s, "unsigned", false, |u| Ok(Value::Bool(u.arbitrary()?)))?;
             list.push(or_any(u, Value::Object(s))?);
         }
         Ok(Value::Array(list))
@@ -174,6 +175,13 @@ fn upstream(u: &mut Unstructured<'_>) -> R<Value> {
             maybe(u, &mut d, "cluster", true, |u| pick(u, &["chat_nodes", ""]))?;
             maybe(u, &mut d, "refresh_ms", false, small_uint)?;
             maybe(u, &mut d, "timeout_ms", false, small_uint)?;
+            maybe(u, &mut d, "startup_wait_ms", false, |u| {
+                Ok(match u.int_in_range(0..=3)? {
+                    0 => Value::from(60_000),
+                    1 => Value::from(60_001),
+                    _ => small_uint(u)?,
+                })
+            })?;
             or_any(u, Value::Object(d))
         })?;
     }
@@ -184,8 +192,8 @@ fn document(u: &mut Unstructured<'_>) -> R<Value> {
     let mut top = Map::new();
     let always = u.ratio(9, 10)?;
     maybe(u, &mut top, "token", always, token)?;
-    maybe(u, &mut top, "on_missing", false, |u| pick(u, &["mint", "reject", "pass", "allow"]))?;
-    maybe(u, &mut top, "on_invalid", false, |u| pick(u, &["mint", "reject", "pass"]))?;
+    maybe(u, &mut top, "on_missing", false, |u| pick(u, &["mint", "reject", "pass", "client_address", "allow"]))?;
+    maybe(u, &mut top, "on_invalid", false, |u| pick(u, &["mint", "reject", "pass", "client_address"]))?;
     maybe(u, &mut top, "mint", false, |u| {
         let mut m = Map::new();
         maybe(u, &mut m, "ttl_seconds", false, small_uint)?;

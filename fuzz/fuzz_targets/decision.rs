@@ -14,7 +14,8 @@
 //! - the memo changes nothing: the same request decided again (warm) and on a fresh
 //!   scratch gives the same decision;
 //! - a local reply is one of the contract's; respond adds only cookies, the minted token
-//!   and a ticket that verifies for the session and names the node that served.
+//!   and a ticket that verifies for the session and names the node that served;
+//! - a client-address session (`addr:<ip>`) takes no ticket and gets no token or ticket.
 #![no_main]
 
 #[path = "../common/mod.rs"]
@@ -27,11 +28,11 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::json;
 use session_affinity::affinity;
 use session_affinity::config::{Config, Mode};
-use session_affinity::decision::{self, Scratch, Served, Verdict};
+use session_affinity::decision::{self, Given, Scratch, Served, Verdict};
 use session_affinity::headers::{self, Header};
 use session_affinity::hosts::{self, HostSet, HostSpec};
 use session_affinity::jws::{self, Alg, MacKey};
-use session_affinity::metrics::{Counter, NodeSlots, Outcome, Tally};
+use session_affinity::metrics::{Counter, Outcome, Tally};
 use session_affinity::token;
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -68,13 +69,21 @@ fn configs() -> &'static [Config] {
             json!({"token": {"keys": key, "sources": [{"cookie": "session_token"}, {"header": "authorization", "prefix": "Bearer "}]},
                    "on_invalid": "pass", "ticket": ticket,
                    "upstream": {"override_header": "X-Dest", "fallbacks": 1, "hosts": hosts["hosts"]}}),
+            // Other identities: an unsigned header before a signed cookie, and the client
+            // address for requests with neither.
+            json!({"token": {"keys": key, "sources": [{"header": "x-conversation-id", "unsigned": true},
+                   {"cookie": "session_token"}]},
+                   "on_missing": "client_address", "ticket": ticket, "upstream": {"fallbacks": 2, "hosts": hosts["hosts"]}}),
+            json!({"token": {"keys": key, "sources": [{"cookie": "session_token"}, {"cookie": "conv", "unsigned": true}]},
+                   "on_missing": "client_address", "on_invalid": "pass", "mode": "rendezvous", "ticket": ticket,
+                   "upstream": {"fallbacks": 1, "hosts": hosts["hosts"]}}),
         ];
         docs.iter().map(|d| Config::parse(d.to_string().as_bytes(), &|_| None).unwrap()).collect()
     })
 }
 
-fn host_sets() -> &'static [(HostSet, NodeSlots)] {
-    static H: OnceLock<Vec<(HostSet, NodeSlots)>> = OnceLock::new();
+fn host_sets() -> &'static [HostSet] {
+    static H: OnceLock<Vec<HostSet>> = OnceLock::new();
     H.get_or_init(|| {
         let spec =
             |a: &str, w: u32, k: Option<&str>| HostSpec { address: a.into(), key: k.unwrap_or(a).into(), weight: w };
@@ -95,14 +104,7 @@ fn host_sets() -> &'static [(HostSet, NodeSlots)] {
                 spec("127.0.0.1:8003", 1, Some("node-c")),
             ],
         ];
-        sets.into_iter()
-            .map(|s| {
-                let mut set = HostSet::new(s).unwrap();
-                let mut slots = NodeSlots::default();
-                set.assign_slots(&mut slots);
-                (set, slots)
-            })
-            .collect()
+        sets.into_iter().map(|s| HostSet::new(s).unwrap()).collect()
     })
 }
 
@@ -158,7 +160,13 @@ impl Gen<'_, '_> {
     }
 
     fn value(&mut self) -> arbitrary::Result<Vec<u8>> {
-        Ok(match self.u.int_in_range(0..=7)? {
+        Ok(match self.u.int_in_range(0..=9)? {
+            8 => self.session()?.into_bytes(),
+            9 => {
+                let mut v = b"conv=".to_vec();
+                v.extend_from_slice(self.session()?.as_bytes());
+                v
+            }
             0 | 1 => self.token()?,
             2 => self.ticket()?,
             3 => {
@@ -200,6 +208,7 @@ impl Gen<'_, '_> {
             b"X_DEST",
             b"host",
             b":path",
+            b"x-conversation-id",
         ];
         Ok(if self.u.ratio(7, 8)? { self.u.choose(NAMES)?.to_vec() } else { self.u.arbitrary()? })
     }
@@ -216,9 +225,18 @@ fn no_ctl(s: &str) -> bool {
 fn run(data: &[u8]) -> arbitrary::Result<()> {
     let mut u = Unstructured::new(data);
     let cfg = &configs()[u.choose_index(configs().len())?];
-    let (hosts, slots) = &host_sets()[u.choose_index(host_sets().len())?];
+    let hosts = &host_sets()[u.choose_index(host_sets().len())?];
     let now = if u.ratio(15, 16)? { common::NOW + i64::from(u.arbitrary::<i32>()?) } else { u.arbitrary()? };
     let rand: Option<[u8; 16]> = if u.ratio(15, 16)? { Some(u.arbitrary()?) } else { None };
+    let source_address: Option<String> = match u.int_in_range(0..=5)? {
+        0 => Some("127.0.0.1:5000".into()),
+        1 => Some("[2001:db8::1]:443".into()),
+        2 => Some("[::ffff:10.0.0.1]:1".into()),
+        3 => Some("/tmp/envoy.sock".into()),
+        4 => None,
+        _ => Some(u.arbitrary()?),
+    };
+    let given = Given { random: rand, source_address };
     let mut owned: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     {
         let mut g = Gen { u: &mut u, now, hosts };
@@ -230,15 +248,15 @@ fn run(data: &[u8]) -> arbitrary::Result<()> {
     let seed: u64 = u.arbitrary()?;
 
     let mut scratch = Scratch::new(seed);
-    let d = decision::decide(cfg, &request, hosts, now, &mut || rand, &mut scratch);
+    let d = decision::decide(cfg, &request, hosts, now, &mut given.clone(), &mut scratch);
     let t = &scratch.tally;
     assert_eq!(t.get(Counter::Requests), 1);
     assert_eq!(outcomes(t), 1, "exactly one outcome");
 
     // The memo changes nothing: warm, and on another fresh scratch.
-    let again = decision::decide(cfg, &request, hosts, now, &mut || rand, &mut scratch);
+    let again = decision::decide(cfg, &request, hosts, now, &mut given.clone(), &mut scratch);
     assert_eq!(again, d, "warm memo changed the decision");
-    let fresh = decision::decide(cfg, &request, hosts, now, &mut || rand, &mut Scratch::new(seed ^ 1));
+    let fresh = decision::decide(cfg, &request, hosts, now, &mut given.clone(), &mut Scratch::new(seed ^ 1));
     assert_eq!(fresh, d);
     assert_eq!(scratch.tally.get(Counter::Requests), outcomes(&scratch.tally));
 
@@ -297,8 +315,16 @@ fn run(data: &[u8]) -> arbitrary::Result<()> {
             let ranking = hosts.rank(session.as_bytes());
 
             // The ticket: exactly what a fresh check accepts.
-            let expected_ticket = match (&cfg.ticket, &pending.minted) {
-                (Some(tc), None) => headers::first(&request, "x-session-ticket")
+            // A client-address session: `addr:<ip>`, no token, no ticket.
+            if !pending.tickets {
+                assert!(session.starts_with("addr:"), "{session:?}");
+                assert!(pending.minted.is_none());
+                assert_eq!(scratch.tally.get(Counter::TokenClientAddress), 2);
+            } else {
+                assert_eq!(scratch.tally.get(Counter::TokenClientAddress), 0);
+            }
+            let expected_ticket = match (&cfg.ticket, &pending.minted, pending.tickets) {
+                (Some(tc), None, true) => headers::first(&request, "x-session-ticket")
                     .or_else(|| headers::cookie(&request, &tc.cookie))
                     .and_then(|raw| tc.tickets.verify(headers::trim(raw), session, now)),
                 _ => None,
@@ -334,7 +360,6 @@ fn run(data: &[u8]) -> arbitrary::Result<()> {
 
     // The response.
     let Verdict::Forward { pending, .. } = &d.verdict else { return Ok(()) };
-    let mut slots = slots.clone();
     let address: Option<String> = match u.int_in_range(0..=3)? {
         0 => pending.primary.clone(),
         1 if !hosts.is_empty() => Some(hosts.hosts()[u.choose_index(hosts.len())?].address.clone()),
@@ -348,7 +373,7 @@ fn run(data: &[u8]) -> arbitrary::Result<()> {
         _ => None,
     };
     let served = Served { address: address.as_deref(), status };
-    let add = decision::respond(cfg, pending, served, hosts, &mut slots, now, &mut tally);
+    let add = decision::respond(cfg, pending, served, hosts, now, &mut tally);
     assert_eq!(outcomes(&tally), 0);
     assert_eq!(tally.get(Counter::Requests), 0);
     let failed = status.is_none_or(|s| s >= 500);
@@ -359,6 +384,9 @@ fn run(data: &[u8]) -> arbitrary::Result<()> {
         assert!(no_ctl(v));
     }
     let issued: Vec<&String> = add.iter().filter(|(n, _)| *n == "x-session-ticket").map(|(_, v)| v).collect();
+    if !pending.tickets {
+        assert!(add.is_empty(), "a client-address session gets no token and no ticket: {add:?}");
+    }
     assert_eq!(tally.get(Counter::TicketIssued), issued.len() as u64);
     assert!(issued.len() <= 1);
     // Times where f64 seconds are exact (the contract's numeric dates are JSON numbers).

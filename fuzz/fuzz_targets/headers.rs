@@ -5,7 +5,9 @@
 //! Invariants: a parsed map re-serializes and parses to itself; every lookup equals a
 //! straightforward independent implementation of the documented rule (first header wins,
 //! first cookie occurrence wins across `cookie` headers, prefix case-insensitive,
-//! spellings in any case with `_` for `-`).
+//! spellings in any case with `_` for `-`, the first present source wins whether signed or
+//! unsigned, an unsigned session id is 1-256 bytes of 0x21-0x7E); a client-address
+//! session id is `addr:` and an IP literal without port or brackets.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -20,7 +22,7 @@ fn config() -> &'static Config {
     static C: OnceLock<Config> = OnceLock::new();
     C.get_or_init(|| {
         let json = r#"{"token":{"keys":[{"alg":"HS256","secret_base64":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}],
-            "sources":[{"header":"authorization","prefix":"Bearer "},{"cookie":"session_token"},{"header":"x-session-token"}]},
+            "sources":[{"header":"authorization","prefix":"Bearer "},{"cookie":"session_token"},{"header":"x-session-token","unsigned":true}]},
             "upstream":{"override_header":"x-dest","hosts":[{"address":"127.0.0.1:1"}]}}"#;
         Config::parse(json.as_bytes(), &|_| None).unwrap()
     })
@@ -102,17 +104,22 @@ fn cookie<'a>(h: &[Header<'a>], name: &str) -> Option<&'a [u8]> {
     None
 }
 
-fn token<'a>(h: &[Header<'a>]) -> Option<&'a [u8]> {
+/// The first present source: (unsigned, value).
+fn token<'a>(h: &[Header<'a>]) -> Option<(bool, &'a [u8])> {
     if let Some(v) = first(h, "authorization") {
         let v = trim(v);
         if v.len() >= 7 && v[..7].eq_ignore_ascii_case(b"Bearer ") {
-            return Some(trim(&v[7..]));
+            return Some((false, trim(&v[7..])));
         }
     }
     if let Some(v) = cookie(h, "session_token") {
-        return Some(v);
+        return Some((false, v));
     }
-    first(h, "x-session-token").map(trim)
+    first(h, "x-session-token").map(|v| (true, trim(v)))
+}
+
+fn unsigned_ok(v: &[u8]) -> bool {
+    (1..=256).contains(&v.len()) && v.iter().all(|b| (0x21..=0x7e).contains(b))
 }
 
 fn spoofed(h: &[Header<'_>]) -> Vec<String> {
@@ -137,11 +144,30 @@ fn check(h: &[Header<'_>]) {
     for name in ["cookie", "x-session-token", "authorization"] {
         assert_eq!(headers::first(h, name), first(h, name));
     }
-    assert_eq!(decision::find_token(config(), h), token(h));
+    let found = decision::find_source(config(), h).map(|(s, v)| (s.unsigned(), v));
+    assert_eq!(found, token(h));
+    assert_eq!(decision::find_token(config(), h), token(h).map(|(_, v)| v));
+    if let Some((true, v)) = token(h) {
+        let id = decision::unsigned_session(v);
+        assert_eq!(id.is_some(), unsigned_ok(v));
+        if let Some(id) = id {
+            assert_eq!(id.as_bytes(), v);
+        }
+    }
     assert_eq!(decision::spoofed(config(), h), spoofed(h));
 }
 
 fuzz_target!(|data: &[u8]| {
+    // A client address as Envoy's `source.address` might spell it, or anything.
+    if let Some(id) = decision::client_address_session(data) {
+        let ip = id.strip_prefix("addr:").expect("addr: prefix");
+        let parsed: std::net::IpAddr = ip.parse().expect("an IP literal");
+        assert_eq!(parsed.to_string(), ip, "canonical form");
+        assert!(!ip.contains('[') && !ip.contains(']'));
+        if let std::net::IpAddr::V6(v6) = parsed {
+            assert!(v6.to_ipv4_mapped().is_none(), "mapped addresses count as IPv4");
+        }
+    }
     // The wire format, from arbitrary bytes.
     if let Some(h) = headers::parse_map(data) {
         let again = headers::serialize_map(&h);

@@ -1,104 +1,107 @@
 //! The proxy-wasm shell (wasm32 only). It translates and nothing more: each callback
-//! gathers its inputs (header bytes, time, host set, the served address), calls one pure
-//! function of the core ([`decide`], [`respond`], [`admin::healthy_hosts`]) and applies
-//! the result.
+//! gathers its inputs (header bytes, time, host set, the served address), calls the pure
+//! core ([`decide`], [`respond`], [`discovery::poll_answer`], the [`Poller`] and
+//! [`Startup`] state types) and applies the result or performs the effects.
 //!
-//! One VM per Envoy worker; its root context and HTTP contexts share one [`State`] on that
-//! thread: the checked configuration, the current host set (replaced whole when discovery
-//! sees a change), the metric tally and the metric ids.
+//! One VM per Envoy worker (and one on the main thread); in each, one root context per
+//! configuration of the plugin. A root context and the HTTP contexts it creates share one
+//! [`State`] on that thread: the checked configuration, the host set in use (replaced
+//! whole when discovery sees a change), the startup window, the metric tally and the
+//! metric ids.
+//!
+//! Held requests: while the startup window is open and no settled host set with a healthy
+//! host is known, a request is paused (`Action::Pause`) and its context id recorded. When
+//! such a set arrives (a poll confirmed by the next, or a set shared by another VM) or the
+//! wait has passed, the root context makes
+//! each held stream the effective context (`proxy_set_effective_context`), runs the very
+//! same request phase as an unheld request would ([`serve`]), resumes it
+//! (`proxy_continue_stream`) unless it answered locally, and leaves the response-phase
+//! state in [`State::resumed`] for the stream to pick up.
 
 mod raw;
 
 use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
-use crate::admin;
-use crate::config::{Config, Hosts};
-use crate::decision::{self, Pending, Scratch, Served, Verdict};
+use crate::config::{Config, Discovery, Hosts};
+use crate::decision::{self, Ask, LocalReply, Pending, Scratch, Served, Verdict};
+use crate::discovery::{self, Effect, Poller};
 use crate::headers;
 use crate::hosts::HostSet;
-use crate::metrics::{self, Counter, Delta, NodeSlots};
+use crate::metrics::{self, Counter, Delta, Outcome};
+use crate::startup::{Admit, Released, Startup};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root::new(id)) });
 }}
 
-/// Per-VM state shared by the root context and every HTTP context of the worker.
+/// A per-VM random seed (the memo's slot hash is seeded so clients cannot aim at slots).
+fn seed() -> u64 {
+    let mut seed = [0u8; 8];
+    let _ = getrandom::fill(&mut seed);
+    u64::from_le_bytes(seed)
+}
+
+/// Envoy metric ids of this VM.
+#[derive(Default)]
+struct MetricIds {
+    /// The fixed counters, by [`Counter::index`].
+    counters: Vec<u32>,
+    /// Per-node request counters, by node `h64` (defined on first flush of the node).
+    nodes: HashMap<u64, Option<u32>>,
+    gauge: Option<u32>,
+}
+
+/// State shared by a root context and every HTTP context it creates.
 struct State {
     config: Option<Rc<Config>>,
     hosts: Rc<HostSet>,
-    /// True once a host set is in use (static, or a first successful poll).
-    have_hosts: bool,
-    /// True once a host set with at least one host has been in use (see
-    /// [`admin::poll_due`]).
-    seen_healthy: bool,
+    startup: Startup,
     scratch: Scratch,
-    slots: NodeSlots,
-    /// Envoy metric ids of the fixed counters, by [`Counter::index`].
-    counter_ids: Vec<u32>,
-    /// Envoy metric ids of the per-node counters, by slot (defined on first use).
-    node_ids: Vec<Option<u32>>,
-    gauge_id: Option<u32>,
+    ids: MetricIds,
     last_flush_ms: u64,
-}
-
-impl Default for State {
-    fn default() -> State {
-        // The memo's slot hash is seeded per VM so clients cannot aim at its slots.
-        let mut seed = [0u8; 8];
-        let _ = getrandom::fill(&mut seed);
-        State {
-            config: None,
-            hosts: Rc::default(),
-            have_hosts: false,
-            seen_healthy: false,
-            scratch: Scratch::new(u64::from_le_bytes(seed)),
-            slots: NodeSlots::default(),
-            counter_ids: Vec::new(),
-            node_ids: Vec::new(),
-            gauge_id: None,
-            last_flush_ms: 0,
-        }
-    }
+    /// Response-phase state of held requests the root context has resumed, by context id.
+    resumed: HashMap<u32, Phase>,
 }
 
 impl State {
+    fn new() -> State {
+        State {
+            config: None,
+            hosts: Rc::default(),
+            startup: Startup::closed(),
+            scratch: Scratch::new(seed()),
+            ids: MetricIds::default(),
+            last_flush_ms: 0,
+            resumed: HashMap::new(),
+        }
+    }
+
     /// Sends every pending count to Envoy.
     fn flush(&mut self, now_ms: u64) {
         self.last_flush_ms = now_ms;
         if !self.scratch.tally.is_dirty() {
             return;
         }
-        let State { scratch, slots, counter_ids, node_ids, .. } = self;
+        let State { scratch, ids, .. } = self;
         scratch.tally.drain(|delta| match delta {
             Delta::Fixed(i, v) => {
-                if let Some(id) = counter_ids.get(i) {
+                if let Some(id) = ids.counters.get(i) {
                     raw::increment(*id, v);
                 }
             }
-            Delta::Node(slot, v) => {
-                if node_ids.len() <= slot {
-                    node_ids.resize(slot + 1, None);
-                }
-                let id = match node_ids.get(slot).copied().flatten() {
-                    Some(id) => Some(id),
-                    None => {
-                        let id = slots.label(slot).and_then(|l| {
-                            proxy_wasm::hostcalls::define_metric(MetricType::Counter, &metrics::node_metric(l)).ok()
-                        });
-                        if let Some(entry) = node_ids.get_mut(slot) {
-                            *entry = id;
-                        }
-                        id
-                    }
-                };
+            Delta::Node { h64, key, count } => {
+                let id = *ids.nodes.entry(h64).or_insert_with(|| {
+                    proxy_wasm::hostcalls::define_metric(MetricType::Counter, &metrics::node_metric(key)).ok()
+                });
                 if let Some(id) = id {
-                    raw::increment(id, v);
+                    raw::increment(id, count);
                 }
             }
         });
@@ -112,15 +115,12 @@ impl State {
         }
     }
 
-    /// Installs a new host set.
-    fn install(&mut self, mut set: HostSet) {
-        set.assign_slots(&mut self.slots);
-        if let Some(id) = self.gauge_id {
+    /// Puts a host set in use.
+    fn install(&mut self, set: Rc<HostSet>) {
+        if let Some(id) = self.ids.gauge {
             let _ = proxy_wasm::hostcalls::record_metric(id, set.len() as u64);
         }
-        self.seen_healthy |= !set.is_empty();
-        self.hosts = Rc::new(set);
-        self.have_hosts = true;
+        self.hosts = set;
     }
 }
 
@@ -128,15 +128,153 @@ fn now_nanos() -> u64 {
     raw::now_nanos().unwrap_or(0)
 }
 
-#[derive(Default)]
+/// Sends a local reply of the core.
+fn reply(r: &LocalReply) {
+    let hdrs: Vec<(&[u8], &[u8])> = r.headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())).collect();
+    raw::send_local_response(r.status, r.details, &headers::serialize_map(&hdrs), r.body.as_bytes());
+}
+
+/// The host inputs a decision asks for only when it needs them.
+struct HostAsk;
+
+const SOURCE_ADDRESS: &[u8] = b"source\0address";
+const UPSTREAM_ADDRESS: &[u8] = b"upstream\0address";
+
+impl Ask for HostAsk {
+    fn random(&mut self) -> Option<[u8; 16]> {
+        let mut b = [0u8; 16];
+        getrandom::fill(&mut b).ok().map(|_| b)
+    }
+    fn source_address(&mut self) -> Option<Vec<u8>> {
+        raw::property(SOURCE_ADDRESS)
+    }
+}
+
+/// The request phase of one request, on the current context (or, for a held request
+/// the root context resumes, on the effective one): reads the headers, decides, applies.
+/// The same code for a held and an unheld request.
+fn serve(state: &RefCell<State>, nanos: u64) -> Phase {
+    // Without the headers the filter can neither strip spoofed ones nor find the
+    // session: refuse rather than forward unfiltered (never expected from Envoy).
+    let map = raw::header_map(MapType::HttpRequestHeaders);
+    let Some(request) = map.as_deref().and_then(headers::parse_map) else {
+        log::error!("session-affinity: cannot read the request headers; refusing the request");
+        let mut st = state.borrow_mut();
+        st.scratch.tally.add(Counter::Requests);
+        st.scratch.tally.add(Counter::Outcome(Outcome::Rejected));
+        st.maybe_flush(nanos / 1_000_000);
+        drop(st);
+        reply(&decision::unreadable_headers());
+        return Phase::Replied;
+    };
+    let now = (nanos / 1_000_000_000) as i64;
+    let mut st = state.borrow_mut();
+    let Some(cfg) = st.config.clone() else { return Phase::Start };
+    let hosts = st.hosts.clone();
+    let d = decision::decide(&cfg, &request, &hosts, now, &mut HostAsk, &mut st.scratch);
+    st.maybe_flush(nanos / 1_000_000);
+    drop(st);
+
+    for name in &d.remove {
+        raw::remove_header(MapType::HttpRequestHeaders, name);
+    }
+    match d.verdict {
+        Verdict::Forward { set, pending } => {
+            for (name, value) in &set {
+                raw::set_header(MapType::HttpRequestHeaders, name, value.as_bytes());
+            }
+            Phase::Forwarded { pending, nanos }
+        }
+        Verdict::Reply(r) => {
+            reply(&r);
+            Phase::Replied
+        }
+    }
+}
+
 struct Root {
+    id: u32,
     state: Rc<RefCell<State>>,
+    /// Discovery, when configured: the schedule, its source and shared-data key.
+    discovery: Option<(Poller, Discovery, String)>,
     /// Token of the discovery call in flight.
     in_flight: Option<u32>,
-    next_poll_ms: u64,
-    tick_ms: u64,
-    /// Consecutive polls that saw the host set change.
-    settle_polls: u32,
+}
+
+impl Root {
+    fn new(id: u32) -> Root {
+        Root { id, state: Rc::new(RefCell::new(State::new())), discovery: None, in_flight: None }
+    }
+
+    /// Performs the effects of the discovery schedule, then resumes what they released.
+    fn apply(&mut self, fx: Vec<Effect>, now_ms: u64) {
+        let mut queue: VecDeque<Effect> = fx.into();
+        let mut released = Vec::new();
+        while let Some(effect) = queue.pop_front() {
+            let Some((poller, d, key)) = self.discovery.as_mut() else { return };
+            match effect {
+                Effect::Poll => {
+                    let headers =
+                        vec![(":method", "GET"), (":path", "/clusters?format=json"), (":authority", "envoy-admin")];
+                    match proxy_wasm::hostcalls::dispatch_http_call(
+                        &d.admin_cluster,
+                        headers,
+                        None,
+                        vec![],
+                        Duration::from_millis(u64::from(d.timeout_ms)),
+                    ) {
+                        Ok(token) => self.in_flight = Some(token),
+                        Err(status) => queue.extend(poller.on_dispatch_failed(
+                            format!("cannot call admin cluster {}: {status:?} (is it defined?)", d.admin_cluster),
+                            now_ms,
+                        )),
+                    }
+                }
+                Effect::Tick(ms) => {
+                    let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(ms));
+                }
+                Effect::Install(set) => {
+                    log::info!("session-affinity: {} healthy hosts in cluster {}", set.len(), d.cluster);
+                    self.state.borrow_mut().install(set);
+                }
+                Effect::Settled(n) => released.extend(self.state.borrow_mut().startup.on_hosts(n, now_ms)),
+                Effect::Publish(value) => {
+                    raw::set_shared_data(key, &value);
+                }
+                Effect::ReadShared => {
+                    let value = raw::shared_data(key);
+                    queue.extend(poller.on_shared(value.as_deref(), now_ms));
+                }
+                Effect::Count(c) => self.state.borrow_mut().scratch.tally.add(c),
+                Effect::Warn(message) => log::warn!("session-affinity: {message}"),
+            }
+        }
+        self.resume(released);
+    }
+
+    /// Runs the request phase of each released request on its own stream and resumes it.
+    fn resume(&self, released: Vec<Released>) {
+        if released.is_empty() {
+            return;
+        }
+        let nanos = now_nanos();
+        let (mut resumed, mut longest) = (0usize, 0u64);
+        for r in &released {
+            // A stream that has ended is gone from Envoy too.
+            if !raw::set_effective_context(r.id) {
+                continue;
+            }
+            let phase = serve(&self.state, nanos);
+            if !matches!(phase, Phase::Replied) {
+                raw::continue_request();
+            }
+            self.state.borrow_mut().resumed.insert(r.id, phase);
+            resumed += 1;
+            longest = longest.max(r.held_ms);
+        }
+        raw::set_effective_context(self.id);
+        log::info!("session-affinity: resumed {resumed} requests held at startup (longest {longest} ms)");
+    }
 }
 
 impl Context for Root {
@@ -150,91 +288,22 @@ impl Context for Root {
             return;
         }
         self.in_flight = None;
-        let Some(Hosts::Discovery(d)) = self.state.borrow().config.as_ref().map(|c| c.hosts.clone()) else {
-            return;
-        };
+        let Some(cluster) = self.discovery.as_ref().map(|(_, d, _)| d.cluster.clone()) else { return };
         let status = raw::header(MapType::HttpCallResponseHeaders, ":status");
-        let result = if status.as_deref() != Some(b"200") {
-            Err(format!(
-                "admin answered status {}",
-                status.map_or("none (unreachable or timed out)".into(), |s| String::from_utf8_lossy(&s).into_owned())
-            ))
-        } else {
-            let body = proxy_wasm::hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        let body = match status.as_deref() {
+            Some(b"200") => proxy_wasm::hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
                 .ok()
                 .flatten()
-                .unwrap_or_default();
-            admin::healthy_hosts(&body, &d.cluster).map_err(|e| e.to_string())
+                .unwrap_or_default(),
+            _ => Vec::new(),
         };
-        let state = self.state.clone();
-        let mut st = state.borrow_mut();
-        match result.and_then(|specs| {
-            if st.have_hosts && st.hosts.same_as(&specs) {
-                Ok(None)
-            } else {
-                HostSet::new(specs).map(Some).map_err(|e| e.to_string())
-            }
-        }) {
-            Ok(change) => {
-                st.scratch.tally.add(Counter::DiscoveryOk);
-                // After a change, poll fast until the set holds still (admin::poll_due).
-                self.settle_polls = match change {
-                    Some(set) => {
-                        log::info!("session-affinity: {} healthy hosts in cluster {}", set.len(), d.cluster);
-                        st.install(set);
-                        self.settle_polls.saturating_add(1)
-                    }
-                    None => 0,
-                };
-                let want = if self.fast(&st) { admin::FAST_POLL_MS } else { tick_ms(d.refresh_ms, &st) };
-                if self.tick_ms != want {
-                    self.tick_ms = want;
-                    let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(want));
-                }
-            }
-            Err(e) => {
-                st.scratch.tally.add(Counter::DiscoveryFailed);
-                log::warn!("session-affinity: discovery poll failed, keeping the last good host set: {e}");
-            }
-        }
-    }
-}
-
-/// The steady tick period with discovery: the refresh interval, or the metrics flush
-/// interval when that is shorter.
-fn tick_ms(refresh_ms: u32, st: &State) -> u64 {
-    let flush = match st.config.as_ref().map(|c| c.metrics_flush_ms) {
-        Some(0) | None => refresh_ms,
-        Some(f) => f,
-    };
-    u64::from(refresh_ms.min(flush).max(10))
-}
-
-impl Root {
-    /// Whether discovery polls on every tick (see [`admin::poll_due`]).
-    fn fast(&self, st: &State) -> bool {
-        !st.seen_healthy || (self.settle_polls > 0 && self.settle_polls <= admin::MAX_SETTLE_POLLS)
-    }
-
-    fn poll(&mut self, d: &crate::config::Discovery) {
-        let headers = vec![(":method", "GET"), (":path", "/clusters?format=json"), (":authority", "envoy-admin")];
-        match proxy_wasm::hostcalls::dispatch_http_call(
-            &d.admin_cluster,
-            headers,
-            None,
-            vec![],
-            Duration::from_millis(u64::from(d.timeout_ms)),
-        ) {
-            Ok(token) => self.in_flight = Some(token),
-            Err(status) => {
-                self.state.borrow_mut().scratch.tally.add(Counter::DiscoveryFailed);
-                log::warn!(
-                    "session-affinity: cannot call admin cluster {}: {:?} (is it defined?)",
-                    d.admin_cluster,
-                    status
-                );
-            }
-        }
+        let result = discovery::poll_answer(status.as_deref(), &body, &cluster);
+        let now_ms = now_nanos() / 1_000_000;
+        let fx = match self.discovery.as_mut() {
+            Some((poller, _, _)) => poller.on_poll_result(result, now_ms),
+            None => return,
+        };
+        self.apply(fx, now_ms);
     }
 }
 
@@ -251,68 +320,69 @@ impl RootContext for Root {
                 return false;
             }
         };
+        let now_ms = now_nanos() / 1_000_000;
         let mut st = self.state.borrow_mut();
-        st.counter_ids.clear();
+        st.ids.counters.clear();
         for c in Counter::all() {
             match proxy_wasm::hostcalls::define_metric(MetricType::Counter, &c.name()) {
-                Ok(id) => st.counter_ids.push(id),
+                Ok(id) => st.ids.counters.push(id),
                 Err(e) => {
                     log::error!("session-affinity: cannot define metric {}: {e:?}", c.name());
                     return false;
                 }
             }
         }
-        st.gauge_id = proxy_wasm::hostcalls::define_metric(MetricType::Gauge, &metrics::hosts_healthy_gauge()).ok();
+        st.ids.gauge = proxy_wasm::hostcalls::define_metric(MetricType::Gauge, &metrics::hosts_healthy_gauge()).ok();
+        // Memoized verdicts belong to the previous configuration's keys and settings.
+        st.scratch.new_config(seed());
         let flush = config.metrics_flush_ms;
-        match &config.hosts {
+        let hosts = config.hosts.clone();
+        st.config = Some(Rc::new(config));
+        let (fx, released) = match hosts {
             Hosts::Static(set) => {
-                let set = set.clone();
-                st.config = Some(Rc::new(config));
-                st.install(set);
+                self.discovery = None;
+                let released = st.startup.restart(now_ms, 0);
+                st.install(Rc::new(set));
                 if flush > 0 {
-                    self.tick_ms = u64::from(flush);
                     let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(u64::from(flush)));
                 }
+                (Vec::new(), released)
             }
-            Hosts::Discovery(_) => {
-                st.config = Some(Rc::new(config));
-                st.have_hosts = false;
-                st.seen_healthy = false;
-                self.settle_polls = 0;
-                // Poll quickly until a set with a healthy host arrives, then every
-                // refresh_ms (admin::poll_due).
-                self.tick_ms = admin::FAST_POLL_MS;
-                self.next_poll_ms = 0;
-                let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(admin::FAST_POLL_MS));
-                if let Some(id) = st.gauge_id {
+            Hosts::Discovery(d) => {
+                // Until a set arrives: no hosts, and requests wait (startup_wait_ms).
+                st.hosts = Rc::default();
+                if let Some(id) = st.ids.gauge {
                     let _ = proxy_wasm::hostcalls::record_metric(id, 0);
                 }
+                let released = st.startup.restart(now_ms, u64::from(d.startup_wait_ms));
+                let mut poller = Poller::new(&d, flush);
+                let fx = poller.start(now_ms);
+                let key = discovery::shared_key(&d);
+                self.discovery = Some((poller, d, key));
+                self.in_flight = None;
+                (fx, released)
             }
-        }
+        };
+        drop(st);
         log::info!("session-affinity: configured");
+        self.apply(fx, now_ms);
+        self.resume(released);
         true
     }
 
     fn on_tick(&mut self) {
         let now_ms = now_nanos() / 1_000_000;
-        let discovery = {
-            let mut st = self.state.borrow_mut();
-            st.flush(now_ms);
-            match st.config.as_ref().map(|c| &c.hosts) {
-                Some(Hosts::Discovery(d)) => Some((d.clone(), self.fast(&st))),
-                _ => None,
-            }
-        };
-        if let Some((d, fast)) = discovery {
-            if self.in_flight.is_none() && admin::poll_due(now_ms, self.next_poll_ms, fast) {
-                self.next_poll_ms = now_ms + u64::from(d.refresh_ms);
-                self.poll(&d);
-            }
+        self.state.borrow_mut().flush(now_ms);
+        if let Some((poller, _, _)) = self.discovery.as_mut() {
+            let fx = poller.on_tick(now_ms);
+            self.apply(fx, now_ms);
         }
+        let released = self.state.borrow_mut().startup.on_tick(now_ms);
+        self.resume(released);
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream { state: self.state.clone(), phase: Phase::Start, nanos: 0 }))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream { id: context_id, state: self.state.clone(), phase: Phase::Start }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -321,25 +391,37 @@ impl RootContext for Root {
 }
 
 enum Phase {
+    /// Nothing decided (yet, or no configuration): nothing to do on the response.
     Start,
+    /// Paused at startup; the root context resumes it (see [`State::resumed`]).
+    Held,
     /// The filter answered locally: nothing to do on the response.
     Replied,
-    /// Forwarded upstream; waiting for response headers.
-    Forwarded(Pending),
+    /// Forwarded upstream; waiting for response headers. `nanos`: host time of the
+    /// decision; the response phase reuses it (its uses, a ticket's `iat` and the flush
+    /// timer, do not need a fresher clock, and a host call is the dearest thing a request
+    /// does).
+    Forwarded { pending: Pending, nanos: u64 },
     /// Response headers handled.
     Done,
 }
 
 struct Stream {
+    id: u32,
     state: Rc<RefCell<State>>,
     phase: Phase,
-    /// Host time when the request headers arrived; the response phase reuses it (its
-    /// uses, a ticket's `iat` and the flush timer, do not need a fresher clock, and a
-    /// host call is the dearest thing a request does).
-    nanos: u64,
 }
 
-const UPSTREAM_ADDRESS: &[u8] = b"upstream\0address";
+impl Stream {
+    /// A held request takes over the phase the root context left when it resumed it.
+    fn take_resumed(&mut self) {
+        if let Phase::Held = self.phase {
+            if let Some(phase) = self.state.borrow_mut().resumed.remove(&self.id) {
+                self.phase = phase;
+            }
+        }
+    }
+}
 
 /// TEST ONLY (Cargo feature `test-trap`, never in a production build): traps the VM when
 /// the request (request phase) or the upstream's response (response phase) carries
@@ -353,88 +435,58 @@ fn test_trap(map: MapType, phase: &[u8]) {
     }
 }
 
-impl Context for Stream {}
+impl Context for Stream {
+    fn on_done(&mut self) -> bool {
+        // A stream that ends while held is never resumed.
+        self.take_resumed();
+        if let Phase::Held = self.phase {
+            self.state.borrow_mut().startup.on_gone(self.id);
+        }
+        true
+    }
+}
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         #[cfg(feature = "test-trap")]
         test_trap(MapType::HttpRequestHeaders, b"request");
-        // Without the headers the filter can neither strip spoofed ones nor find the
-        // token: refuse rather than forward unfiltered (never expected from Envoy).
-        let map = raw::header_map(MapType::HttpRequestHeaders);
-        let Some(request) = map.as_deref().and_then(headers::parse_map) else {
-            log::error!("session-affinity: cannot read the request headers; refusing the request");
-            {
-                let mut st = self.state.borrow_mut();
-                st.scratch.tally.add(Counter::Requests);
-                st.scratch.tally.add(Counter::Outcome(metrics::Outcome::Rejected));
-                st.maybe_flush(now_nanos() / 1_000_000);
-            }
-            self.phase = Phase::Replied;
-            let hdrs = headers::serialize_map(&[(b"content-type", b"application/json")]);
-            raw::send_local_response(500, "session_affinity_internal", &hdrs, br#"{"error":"internal"}"#);
-            return Action::Pause;
-        };
         let nanos = now_nanos();
-        self.nanos = nanos;
-        let now = (nanos / 1_000_000_000) as i64;
-        let mut st = self.state.borrow_mut();
-        let Some(cfg) = st.config.clone() else { return Action::Continue };
-        let hosts = st.hosts.clone();
-        let mut random = || {
-            let mut b = [0u8; 16];
-            getrandom::fill(&mut b).ok().map(|_| b)
-        };
-        let d = decision::decide(&cfg, &request, &hosts, now, &mut random, &mut st.scratch);
-        st.maybe_flush(nanos / 1_000_000);
-        drop(st);
-
-        for name in &d.remove {
-            raw::remove_header(MapType::HttpRequestHeaders, name);
+        {
+            let mut st = self.state.borrow_mut();
+            if st.startup.on_request(self.id, nanos / 1_000_000) == Admit::Hold {
+                st.scratch.tally.add(Counter::StartupHeld);
+                self.phase = Phase::Held;
+                return Action::Pause;
+            }
         }
-        match d.verdict {
-            Verdict::Forward { set, pending } => {
-                for (name, value) in &set {
-                    raw::set_header(MapType::HttpRequestHeaders, name, value.as_bytes());
-                }
-                self.phase = Phase::Forwarded(pending);
-                Action::Continue
-            }
-            Verdict::Reply(reply) => {
-                self.phase = Phase::Replied;
-                let hdrs: Vec<(&[u8], &[u8])> =
-                    reply.headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())).collect();
-                let details =
-                    if reply.status == 401 { "session_affinity_rejected" } else { "session_affinity_no_host" };
-                raw::send_local_response(reply.status, details, &headers::serialize_map(&hdrs), reply.body.as_bytes());
-                Action::Pause
-            }
+        self.phase = serve(&self.state, nanos);
+        match self.phase {
+            Phase::Replied => Action::Pause,
+            _ => Action::Continue,
         }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         #[cfg(feature = "test-trap")]
         test_trap(MapType::HttpResponseHeaders, b"response");
-        let Phase::Forwarded(pending) = std::mem::replace(&mut self.phase, Phase::Done) else {
+        self.take_resumed();
+        let Phase::Forwarded { pending, nanos } = std::mem::replace(&mut self.phase, Phase::Done) else {
             return Action::Continue;
         };
         let address = raw::property(UPSTREAM_ADDRESS);
         let address = address.as_deref().and_then(|a| std::str::from_utf8(a).ok());
         let status = raw::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u32>().ok()));
-        let nanos = self.nanos;
         let mut st = self.state.borrow_mut();
         let Some(cfg) = st.config.clone() else { return Action::Continue };
         let hosts = st.hosts.clone();
-        let State { slots, scratch, .. } = &mut *st;
         let add = decision::respond(
             &cfg,
             &pending,
             Served { address, status },
             &hosts,
-            slots,
             (nanos / 1_000_000_000) as i64,
-            &mut scratch.tally,
+            &mut st.scratch.tally,
         );
         st.maybe_flush(nanos / 1_000_000);
         drop(st);
@@ -445,11 +497,12 @@ impl HttpContext for Stream {
     }
 
     fn on_log(&mut self) {
+        self.take_resumed();
         // Forwarded but no response headers ever came: the upstream never answered.
-        if let Phase::Forwarded(_) = self.phase {
+        if let Phase::Forwarded { nanos, .. } = self.phase {
             let mut st = self.state.borrow_mut();
             st.scratch.tally.add(Counter::UpstreamErrors);
-            st.maybe_flush(self.nanos / 1_000_000);
+            st.maybe_flush(nanos / 1_000_000);
         }
     }
 }

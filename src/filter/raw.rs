@@ -14,7 +14,7 @@
 
 use std::ptr::{null, null_mut};
 
-use proxy_wasm::types::{MapType, Status};
+use proxy_wasm::types::{MapType, Status, StreamType};
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -63,6 +63,22 @@ extern "C" {
     ) -> Status;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> Status;
+    fn proxy_set_effective_context(context_id: u32) -> Status;
+    fn proxy_continue_stream(stream_type: StreamType) -> Status;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> Status;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> Status;
 }
 
 /// Takes ownership of a host-allocated buffer.
@@ -162,4 +178,36 @@ pub fn now_nanos() -> Option<u64> {
         Status::Ok => Some(t),
         _ => None,
     }
+}
+
+/// Makes `context_id` the context later host calls of this callback act on (a paused
+/// HTTP stream, from the root context). `false` when the context no longer exists.
+pub fn set_effective_context(context_id: u32) -> bool {
+    // SAFETY: plain value.
+    unsafe { proxy_set_effective_context(context_id) == Status::Ok }
+}
+
+/// Resumes the (effective) context's paused request: Envoy continues decoding once the
+/// current callback returns.
+pub fn continue_request() -> bool {
+    // SAFETY: plain value.
+    unsafe { proxy_continue_stream(StreamType::HttpRequest) == Status::Ok }
+}
+
+/// The value of a process-wide shared-data key (per Envoy `vm_id`), if set.
+pub fn shared_data(key: &str) -> Option<Vec<u8>> {
+    let mut data = null_mut();
+    let mut size = 0usize;
+    let mut cas = 0u32;
+    // SAFETY: as for `header`; `key` outlives the call.
+    match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) } {
+        Status::Ok if !data.is_null() => Some(unsafe { owned(data, size) }),
+        _ => None,
+    }
+}
+
+/// Sets a shared-data key (last writer wins: no compare-and-swap).
+pub fn set_shared_data(key: &str, value: &[u8]) -> bool {
+    // SAFETY: pointers and lengths describe live slices for the duration of the call.
+    unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), 0) == Status::Ok }
 }

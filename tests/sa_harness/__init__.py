@@ -23,7 +23,8 @@ The package is installed (editable) into the project's .venv by the Makefile.
 
 from .backends import Backend, FakeAdmin
 from .client import Response, request
-from .envoy import (STAT_PREFIX, UNHEALTHY_FLAGS, Envoy, absolute_wasm_paths, cluster, dump_yaml, endpoints,
+from .envoy import (STAT_PREFIX, UNHEALTHY_FLAGS, Envoy, absolute_wasm_paths, access_log_lines, add_access_log, cluster,
+                    dump_yaml, endpoints,
                     filter_json, harness_config, host_address, host_is_healthy, http_filters, load_yaml, parse_stats,
                     reference_config, set_filter_json, static_plugin, wasm_failures, wasm_filter, write_eds)
 from .figures import figures, per_node, percentile, percentiles
@@ -46,6 +47,8 @@ __all__ = [
     "UNHEALTHY_FLAGS",
     "Envoy",
     "absolute_wasm_paths",
+    "access_log_lines",
+    "add_access_log",
     "cluster",
     "dump_yaml",
     "endpoints",

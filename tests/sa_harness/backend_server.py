@@ -94,8 +94,12 @@ def main() -> None:
             self.send_header("x-served-by", args.name)
             for k, v in extra or []:
                 self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
+            # Head and body in one write: a backend killed mid-answer (the tests' dead
+            # node) then either answered whole or not at all, never a head without its
+            # body (which Envoy could not retry).
+            self._headers_buffer.append(b"\r\n")
+            self.wfile.write(b"".join(self._headers_buffer) + body)
+            self._headers_buffer = []
 
         do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _answer
 

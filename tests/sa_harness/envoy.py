@@ -447,3 +447,40 @@ def absolute_wasm_paths(cfg: dict) -> dict:
         if "local" in code and not Path(code["local"]["filename"]).is_absolute():
             code["local"]["filename"] = str(ROOT / code["local"]["filename"])
     return cfg
+
+
+def add_access_log(cfg: dict, path: Path, fmt: str, listener: str = "chat") -> dict:
+    """Adds a file access log with the text format `fmt` (e.g. `"%RESPONSE_CODE%
+    %RESPONSE_CODE_DETAILS%\\n"`) to the HTTP connection manager of `listener`."""
+    for l in cfg["static_resources"].get("listeners", []):
+        if l.get("name") != listener:
+            continue
+        for fc in l["filter_chains"]:
+            for f in fc["filters"]:
+                if f["name"] == "envoy.filters.network.http_connection_manager":
+                    f["typed_config"]["access_log"] = [{
+                        "name": "envoy.access_loggers.file",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                            "path": str(path),
+                            "log_format": {"text_format_source": {"inline_string": fmt}},
+                        },
+                    }]
+    return cfg
+
+
+def access_log_lines(path: Path, n: int, timeout: float = 15.0) -> list[str]:
+    """The lines of a file access log once it has at least `n` (Envoy flushes it on a
+    timer); fails after `timeout`."""
+    got: list[str] = []
+
+    def enough() -> bool:
+        nonlocal got
+        got = path.read_text().splitlines() if path.exists() else []
+        return len(got) >= n
+
+    try:
+        wait_for(enough, timeout, f"{n} lines in {path}")
+    except HarnessError as e:
+        raise HarnessError(f"{e}: {len(got)} lines") from None
+    return got

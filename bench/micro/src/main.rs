@@ -29,7 +29,6 @@ use session_affinity::affinity;
 use session_affinity::config::Config;
 use session_affinity::decision::{self, Scratch, Served, Verdict};
 use session_affinity::hosts::{HostSet, HostSpec};
-use session_affinity::metrics::NodeSlots;
 
 const TOKEN_KEY_256: &str = "ZHyFaEazbRm+DDoK9WnS0KR5CpfWH4fC5OOVI3Bh6os=";
 const TICKET_KEY: &str = "nBYDAVya04QtPEYa03ebldmm+FIHyQfCwF2oLr3ILHc=";
@@ -265,15 +264,14 @@ fn suite(args: &[String], runs: usize, min_time: Duration) -> Result<serde_json:
         };
         let all: Vec<Vec<(Vec<u8>, Vec<u8>)>> = requests.iter().map(headers_of).collect();
         for (label, count) in [("hit", 1usize), ("miss", all.len())] {
-            let mut slots = NodeSlots::default();
-            let mut none = || None;
+            let mut none = decision::Given::default();
             let s = time_it(runs, min_time, |i| {
                 let owned = &all[i as usize % count];
                 let headers: Vec<(&[u8], &[u8])> = owned.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
                 let d = decision::decide(&cfg, black_box(&headers), &set, NOW, &mut none, &mut scratch);
                 if let Verdict::Forward { pending, .. } = &d.verdict {
                     let served = Served { address: pending.primary.as_deref(), status: Some(200) };
-                    black_box(decision::respond(&cfg, pending, served, &set, &mut slots, NOW, &mut scratch.tally));
+                    black_box(decision::respond(&cfg, pending, served, &set, NOW, &mut scratch.tally));
                 }
                 black_box(d);
             });
@@ -326,13 +324,11 @@ fn place(
     if let Some(t) = ticket {
         headers.push((b"x-session-ticket", t.as_bytes()));
     }
-    let mut none = || None;
-    let d = decision::decide(cfg, &headers, set, NOW, &mut none, scratch);
+    let d = decision::decide(cfg, &headers, set, NOW, &mut decision::Given::default(), scratch);
     let Verdict::Forward { pending, .. } = d.verdict else { return Err("request was not forwarded".into()) };
     let primary = pending.primary.clone().ok_or("no primary")?;
     let served = Served { address: Some(&primary), status: Some(200) };
-    let mut slots = NodeSlots::default();
-    let add = decision::respond(cfg, &pending, served, set, &mut slots, NOW, &mut scratch.tally);
+    let add = decision::respond(cfg, &pending, served, set, NOW, &mut scratch.tally);
     let t = add.into_iter().find(|(n, _)| *n == "x-session-ticket").map(|(_, v)| v);
     Ok((primary, t))
 }

@@ -64,9 +64,14 @@ ENGINE = dict(nodes=4, slots=8, prefill_us_per_token=200, decode_us_per_token=25
 
 SEED = 11
 
-# Saturation settings of arms c and cq (DESIGN section 10).
-SAT_KV = {"metric": "kv_cache_usage_perc", "threshold": 0.9, "stale_ms": 2000, "spill": True}
-SAT_QUEUE = {"metric": "num_requests_waiting", "threshold": 8, "stale_ms": 2000, "spill": True}
+# Saturation settings of arms c and cq (DESIGN section 10). Arm c is the `placement` of
+# the reference envoy/envoy.yaml (balance 150, kv_cache_usage_perc >= 0.9, stale 5 s,
+# spill, drain). Arm cq reads the queue instead: 4 turns waiting (half a batch of 8
+# slots), and a report counts for 1 s only: a node judged saturated gets no new requests,
+# hence no fresh report, so its verdict stands (and its sessions spill) until stale_ms
+# passes; PLACEMENT.md "Reading this run" has the measurements behind both numbers.
+SAT_KV = {"metric": "kv_cache_usage_perc", "threshold": 0.9, "stale_ms": 5000, "spill": True}
+SAT_QUEUE = {"metric": "num_requests_waiting", "threshold": 4, "stale_ms": 1000, "spill": True}
 
 
 @dataclass(frozen=True)
@@ -84,13 +89,18 @@ class Arm:
 def arms_for(args) -> list[Arm]:
     c_bf = args.c_balance_factor
     return [
-        Arm("a", "filter, ranking alone (reference config: pinned + ticket)", "filter"),
+        Arm("a", "filter, ranking alone (the reference config without `placement`: pinned + ticket)", "filter"),
         Arm("b125", "filter + placement.balance_factor 125", "filter", {"balance_factor": 125}),
         Arm("b150", "filter + placement.balance_factor 150", "filter", {"balance_factor": 150}),
-        Arm("c", f"filter + balance_factor {c_bf} + saturation kv_cache_usage_perc ≥ {args.kv_threshold:g}, spill",
-            "filter", {"balance_factor": c_bf, "saturation": {**SAT_KV, "threshold": args.kv_threshold}}),
-        Arm("cq", f"filter + balance_factor {c_bf} + saturation num_requests_waiting ≥ {args.queue_threshold:g}, spill",
-            "filter", {"balance_factor": c_bf, "saturation": {**SAT_QUEUE, "threshold": args.queue_threshold}}),
+        Arm("c", f"filter + balance_factor {c_bf} + saturation kv_cache_usage_perc ≥ {args.kv_threshold:g}, spill, "
+            "drain", "filter", {"balance_factor": c_bf, "saturation": {**SAT_KV, "threshold": args.kv_threshold,
+                                                                    "stale_ms": args.kv_stale_ms},
+                                "drain": True}),
+        Arm("cq", f"filter + balance_factor {c_bf} + saturation num_requests_waiting ≥ {args.queue_threshold:g}, "
+            "spill, drain", "filter", {"balance_factor": c_bf, "saturation": {**SAT_QUEUE,
+                                                                             "threshold": args.queue_threshold,
+                                                                             "stale_ms": args.queue_stale_ms},
+                                       "drain": True}),
         Arm("d", "Envoy RING_HASH, hash_balance_factor 150, hash on x-session-id (no filter)", "ring_hash"),
         Arm("e", "Envoy LEAST_REQUEST, no stickiness (no filter)", "least_request"),
     ]
@@ -396,10 +406,16 @@ def envoy_config(arm: Arm, ports: h.Ports) -> dict:
     """The reference envoy/envoy.yaml on `ports`; filter arms add `placement` to the
     filter's JSON; the native arms drop the filter and swap the override_host policy for
     a plain one. Health checks, outlier detection, retries and redis_proxy stay."""
-    if arm.filtered:
-        update = {"placement": arm.placement} if arm.placement else None
-        return h.envoy_config_for(ports, plugin_update=update)
     cfg = h.envoy_config_for(ports)
+    if arm.filtered:
+        # The reference filter JSON with exactly the arm's `placement` (arm a: none, even
+        # when the reference config turns placement on).
+        plugin = h.filter_json(cfg)
+        plugin.pop("placement", None)
+        if arm.placement:
+            plugin["placement"] = arm.placement
+        h.set_filter_json(cfg, plugin)
+        return cfg
     listener = next(l for l in cfg["static_resources"]["listeners"] if l["name"] == "chat")
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.wasm"]
@@ -575,6 +591,8 @@ def main() -> int:
     ap.add_argument("--kv-threshold", type=float, default=SAT_KV["threshold"], help="arm c's saturation threshold")
     ap.add_argument("--queue-threshold", type=float, default=SAT_QUEUE["threshold"], help="arm cq's threshold")
     ap.add_argument("--c-balance-factor", type=int, default=150, help="arms c and cq's balance_factor")
+    ap.add_argument("--kv-stale-ms", type=int, default=SAT_KV["stale_ms"], help="arm c's saturation stale_ms")
+    ap.add_argument("--queue-stale-ms", type=int, default=SAT_QUEUE["stale_ms"], help="arm cq's saturation stale_ms")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     ap.add_argument("--out", default=str(BENCH), help="where PLACEMENT.md, placement.json, placement.svg go")
     args = ap.parse_args()
@@ -601,9 +619,9 @@ def main() -> int:
     convs = workload(w, args.seed)
     started = time.monotonic()
     results = {"quick": args.quick, "seed": args.seed, "workload_settings": w, "engine": e,
-               "saturation": {"c": {**SAT_KV, "threshold": args.kv_threshold},
-                              "cq": {**SAT_QUEUE, "threshold": args.queue_threshold}},
+               "saturation": {"c": by_key["c"].placement["saturation"], "cq": by_key["cq"].placement["saturation"]},
                "workload": workload_summary(convs), "machine": machine(), "loadavg_start": loadavg(),
+               "reference_placement": h.filter_json(h.reference_config()).get("placement"),
                "arms": {}}
     ws = results["workload"]
     log(f"workload: {ws['conversations']} conversations, {ws['turns']} turns, seed {args.seed}; "

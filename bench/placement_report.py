@@ -200,7 +200,9 @@ def _timeline(r: dict, names: list[str], step: float = 1.0) -> dict:
     inflight = {n: [round(sum(bins[i][n]) / len(bins[i][n]), 2) if i in bins and bins[i][n] else None
                     for i in range(n_bins)] for n in names}
     kv = {n: [round(e.get(n, {}).get("kv", 0), 3) for _, e in r["engine"]] for n in names}
-    return {"step_s": step, "inflight": inflight, "kv": kv, "kv_t": [round(t, 1) for t, _ in r["engine"]]}
+    waiting = {n: [e.get(n, {}).get("waiting", 0) for _, e in r["engine"]] for n in names}
+    return {"step_s": step, "inflight": inflight, "kv": kv, "waiting": waiting,
+            "kv_t": [round(t, 1) for t, _ in r["engine"]]}
 
 
 def compact(results: dict) -> dict:
@@ -530,8 +532,11 @@ def analysis(res: dict) -> list[str]:
             rank = "the slowed node after faster ones"
         else:
             rank = "the slowed node not at all"
+        ref = res.get("reference_placement")
+        shipped = (" This is the `placement` the reference `envoy/envoy.yaml` ships." if ref and ref == res["arms"]["c"].get(
+            "placement") else "")
         out.append(
-            f"- **Saturation on `kv_cache_usage_perc` (c)** needs the slowed node to report a higher KV usage than "
+            f"- **Saturation on `kv_cache_usage_perc` (c).**{shipped} It needs the slowed node to report a higher KV usage than "
             f"the others. The chat node's engine model reports the share of its KV capacity held by cached "
             f"conversation histories (least recently used out): a fill level that grows with the turns a node has "
             f"served and stays near 1.0 once the cache is full, whatever the node's speed. In arm {src} the nodes "
@@ -543,17 +548,21 @@ def analysis(res: dict) -> list[str]:
             f"value is the KV held by running requests and rises with load.")
     if "cq" in arms:
         s = arms["cq"]
-        thr = res["saturation"]["cq"]["threshold"]
+        sat = res["saturation"]["cq"]
         fast_peak = max((v["waiting_max"] for n, v in s["kv"].items() if n != slow), default=0)
         out.append(
-            f"- **Saturation on `num_requests_waiting` ≥ {thr:g} (c')**, the other metric the nodes report (vLLM's "
-            f"too), follows the queue. {spill_facts(s)}. Sticky rate "
-            f"{(s['sticky_filter'] or 0):.3f}, TTFT p99 {s['ttft_ms']['p99']:,.0f} ms. The threshold is one full "
-            f"batch waiting ({e['slots']} slots); the fast nodes' sampled queue peaked at {fast_peak}. Lower "
-            f"thresholds also catch the fast nodes' momentary queues (several conversations sending at once) and "
-            f"spill their sessions, each spill adding a whole-history prefill to its new node: in a development "
-            f"run of the full workload, threshold 4 spilled 216 sessions, 179 of them from the fast nodes, sticky "
-            f"rate 0.80 (`bench/placement.py --arms cq --queue-threshold 4`).")
+            f"- **Saturation on `num_requests_waiting` ≥ {sat['threshold']:g}, `stale_ms` {sat['stale_ms']} (c')**, "
+            f"the other metric the nodes report (vLLM's too), follows the queue. {spill_facts(s)}. Sticky rate "
+            f"{(s['sticky_filter'] or 0):.3f}, TTFT p99 {s['ttft_ms']['p99']:,.0f} ms. The fast nodes queue too, "
+            f"for a moment, when several conversations send at once (their sampled `waiting` peaked at "
+            f"{fast_peak}). Why `stale_ms` matters as much as the threshold: a node judged saturated takes no "
+            f"new session and its pinned sessions spill, so it receives no new request and sends no new report; "
+            f"its last report stands until `stale_ms` passes, and every pinned session of that node that sends a "
+            f"turn meanwhile moves. In development runs of this workload (same machine, one run each), threshold "
+            f"4 with the reference config's `stale_ms` 5000 spilled 200 sessions, most of them from the fast "
+            f"nodes (sticky rate 0.81); with `stale_ms` 1000, 33 (0.97); threshold 6 with 5000, 199 (0.81); "
+            f"threshold 8 with 5000, 0 (with 2000, 7): the slowed node's queue rarely reached 8 "
+            f"(`bench/placement.py --arms cq --queue-threshold T --queue-stale-ms MS` repeats them).")
     if "d" in arms:
         s = arms["d"]
         out.append(

@@ -88,8 +88,9 @@ pub fn place(ranking: &[usize], nodes: &[NodeView], balance_factor: Option<u32>)
                 .copied()
                 .filter(|&i| eligible(i))
                 .find(|&i| {
+                    // The contract's `load + 1 ≤ bound`.
                     let n = view(i);
-                    u64::from(n.load) + 1 <= bound(c, total_load, n.weight.max(1), total_weight)
+                    u64::from(n.load) < bound(c, total_load, n.weight.max(1), total_weight)
                 })
                 .or_else(|| ranking.iter().copied().find(|&i| eligible(i)))
         }
@@ -163,7 +164,8 @@ mod tests {
     fn bounded_placement_table() {
         // (nodes by host index, ranking, balance factor) -> (chosen, placed)
         use Placed::*;
-        let cases: Vec<(Vec<NodeView>, Vec<usize>, Option<u32>, usize, Placed)> = vec![
+        type Case = (Vec<NodeView>, Vec<usize>, Option<u32>, usize, Placed);
+        let cases: Vec<Case> = vec![
             // Idle cluster: the ranking's first.
             (vec![n(0), n(0), n(0)], vec![2, 0, 1], Some(150), 2, FirstChoice),
             // Without a balance factor load does not matter.

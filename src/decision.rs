@@ -385,7 +385,7 @@ fn affined<'c>(
             }
             None => hosts.top_k(session_h64, want, &mut order),
         },
-        Some(pl) => place_under_load(cfg, pl, hosts, session_h64, pinned, scratch, &mut order),
+        Some(pl) => place_under_load(cfg, pl, hosts, session_h64, pinned, tickets, scratch, &mut order),
     }
     let in_flight = match (&cfg.placement, order.first()) {
         (Some(_), Some(&i)) => scratch.load.routed(i),
@@ -448,12 +448,18 @@ fn affined<'c>(
 /// node goes as far down its full ranking as load, saturation and drain say. `order`
 /// receives the chosen host, then its fallbacks (the ranking's next hosts, never a
 /// draining one).
+///
+/// A session without tickets (identified by the client address) has nothing to remember
+/// a load-dependent choice: it is placed by its ranking, draining hosts aside, every time
+/// (so it stays where it is whatever the loads), and counts no placement.
+#[allow(clippy::too_many_arguments)]
 fn place_under_load(
     cfg: &Config,
     pl: &Placement,
     hosts: &HostSet,
     session_h64: u64,
     pinned: Option<usize>,
+    tickets: bool,
     scratch: &mut Scratch,
     order: &mut Vec<usize>,
 ) {
@@ -467,10 +473,18 @@ fn place_under_load(
         .map(|(i, h)| NodeView {
             load: load.load(i),
             weight: h.weight,
-            saturated: pl.saturation.as_ref().is_some_and(|s| load.saturated(i, s.threshold, s.stale_ms, now_ms)),
+            saturated: tickets
+                && pl.saturation.as_ref().is_some_and(|s| load.saturated(i, s.threshold, s.stale_ms, now_ms)),
             draining: h.draining,
         })
         .collect();
+    if !tickets {
+        if let Some(c) = placement::place(&ranking, &views, None) {
+            order.push(c.host);
+            placement::fallbacks(&ranking, &views, c.host, cfg.fallbacks, order);
+        }
+        return;
+    }
     let tally = &mut scratch.tally;
     let chosen = match pinned {
         Some(p) => {

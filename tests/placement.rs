@@ -439,3 +439,44 @@ fn the_response_records_the_served_nodes_report_and_the_request_ends() {
     assert_eq!((pending.in_flight, pending.strip_load_report, ask), (None, false, None));
     assert_eq!(s.load.load(0), 0);
 }
+
+#[test]
+fn client_address_sessions_keep_their_ranking_whatever_the_loads() {
+    // No ticket can remember a load-dependent choice for them: the ranking (draining
+    // hosts aside) every time, and no placement counted.
+    let cfg = config(json!({"balance_factor": 101, "drain": true}), json!({"on_missing": "client_address"}));
+    let set = discovered(&[]);
+    let mut s = scratch(&set);
+    load(&mut s, &[40, 40, 40, 40]);
+    let sid = "addr:10.1.2.3";
+    let rank = set.rank(sid.as_bytes());
+    s.load.routed(rank[0]);
+    for _ in 0..3 {
+        s.load.routed(rank[0]);
+        let d = decide_at(
+            &cfg,
+            &[],
+            &set,
+            NOW_MS,
+            &mut Given { source_address: Some("10.1.2.3:5555".into()), ..Given::default() },
+            &mut s,
+        );
+        let (order, affinity, _, _) = forwarded(&d);
+        assert_eq!((order[0], affinity), (addr(&set, rank[0]), "new"));
+    }
+    assert_eq!(s.tally.get(Counter::PlacementBounded) + s.tally.get(Counter::PlacementFirstChoice), 0);
+    // Its first node draining: the next one (and no fallback to it).
+    let set = discovered(&[addr(&set, rank[0])]);
+    let mut s = scratch(&set);
+    let d = decide_at(
+        &cfg,
+        &[],
+        &set,
+        NOW_MS,
+        &mut Given { source_address: Some("10.1.2.3:5555".into()), ..Given::default() },
+        &mut s,
+    );
+    let (order, _, _, _) = forwarded(&d);
+    let rank = set.rank(sid.as_bytes());
+    assert_eq!(order, rank[1..].iter().map(|i| addr(&set, *i)).collect::<Vec<_>>());
+}

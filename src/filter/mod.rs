@@ -72,6 +72,8 @@ struct State {
     last_flush_ms: u64,
     /// Response-phase state of held requests the root context has resumed, by context id.
     resumed: HashMap<u32, Phase>,
+    /// This VM has handled a request (a worker's VM).
+    routes: bool,
 }
 
 impl State {
@@ -84,13 +86,17 @@ impl State {
             ids: MetricIds::default(),
             last_flush_ms: 0,
             resumed: HashMap::new(),
+            routes: false,
         }
     }
 
-    /// Sends every pending count to Envoy, and (under `placement`) every node's load.
+    /// Sends every pending count to Envoy, and (under `placement`, from a VM that routes
+    /// requests) every node's load.
     fn flush(&mut self, now_ms: u64) {
         self.last_flush_ms = now_ms;
-        if self.config.as_ref().is_some_and(|c| c.placement.is_some()) {
+        // The main thread's VM never routes a request: its view of the loads is the admin
+        // poll's alone, so it leaves the gauges to the workers' VMs.
+        if self.config.as_ref().is_some_and(|c| c.placement.is_some()) && self.routes {
             let State { scratch, ids, hosts, .. } = self;
             for (i, h) in hosts.hosts().iter().enumerate() {
                 let id = *ids.loads.entry(h.h64).or_insert_with(|| {
@@ -186,6 +192,7 @@ fn serve(state: &RefCell<State>, nanos: u64) -> Phase {
     };
     let mut st = state.borrow_mut();
     let Some(cfg) = st.config.clone() else { return Phase::Start };
+    st.routes = true;
     let hosts = st.hosts.clone();
     let d = decision::decide_at(&cfg, &request, &hosts, nanos / 1_000_000, &mut HostAsk, &mut st.scratch);
     st.maybe_flush(nanos / 1_000_000);
@@ -250,7 +257,16 @@ impl Root {
                     let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(ms));
                 }
                 Effect::Install(set) => {
-                    log::info!("session-affinity: {} healthy hosts in cluster {}", set.len(), d.cluster);
+                    let draining = set.hosts().iter().filter(|h| h.draining).count();
+                    if draining > 0 {
+                        log::info!(
+                            "session-affinity: {} healthy hosts in cluster {} ({draining} draining)",
+                            set.len(),
+                            d.cluster
+                        );
+                    } else {
+                        log::info!("session-affinity: {} healthy hosts in cluster {}", set.len(), d.cluster);
+                    }
                     self.state.borrow_mut().install(set);
                 }
                 Effect::Settled(n) => released.extend(self.state.borrow_mut().startup.on_hosts(n, now_ms)),

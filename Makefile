@@ -29,7 +29,7 @@ PYTEST_ARGS ?=
 FILTER_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 CHAT_SRC := $(shell find chat-node/src -name '*.rs') chat-node/Cargo.toml Cargo.lock
 
-.PHONY: build trap-wasm test unit e2e lint fmt run demo bench fuzz fuzz-build soak clean deps wasm-target wasm-opt venv redis chat-node
+.PHONY: build trap-wasm test unit e2e lint fmt run demo bench fuzz fuzz-build soak clean deps wasm-target wasm-opt venv redis promtool chat-node
 
 ## Toolchain and tools -----------------------------------------------------------------
 
@@ -54,7 +54,14 @@ redis:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; \
 	  systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true; }
 
-deps: wasm-target venv redis
+# Prometheus's promtool checks and unit-tests envoy/observability/prometheus-rules.yaml.
+promtool:
+	@command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus (for promtool; needs root)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true; }
+
+deps: wasm-target venv redis promtool
 
 ## Build --------------------------------------------------------------------------------
 

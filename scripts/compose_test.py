@@ -432,6 +432,10 @@ def scenario(project: Project, conversations: int) -> dict:
     return figures
 
 
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--project", default="sa-compose-test", help="Compose project name (default %(default)s)")
@@ -448,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                   "(`make compose-test` does)", file=sys.stderr)
             return 2
 
+    # SIGTERM (a CI timeout, kill) cleans up as Ctrl-C does: down -v, stop our dockerd.
+    signal.signal(signal.SIGTERM, _interrupt)
     start = time.monotonic()
     engine = None
     project = Project(args.project, compose)

@@ -467,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
         status = 0 if args.images_only else run_locked(project, args)
     except (Failed, HarnessError, subprocess.TimeoutExpired) as e:
         print(f"compose-test: FAILED: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"compose-test: interrupted ({e or 'SIGINT'}), cleaned up", file=sys.stderr)
+        status = 130
     finally:
         stop_engine(engine)
     what = "images ready" if args.images_only else "passed"

@@ -425,6 +425,8 @@ def scenario(project: Project, conversations: int) -> dict:
         turns_acknowledged=sum(len(c.turns) for c in convs),
         lost_turns=0,
         client_retries=sum(len(c.errors) for c in convs),
+        # What the retried attempts were answered (e.g. a 503 from a reset connection).
+        client_errors=sorted({e[:120] for c in convs for e in c.errors})[:5],
         filter_requests=int(requests),
         outcomes={k.split('"')[1]: int(v) for k, v in outcomes.items() if v},
         served_fallback=int(prom.get("session_affinity_served_fallback{}", 0)),

@@ -8,6 +8,8 @@
 #   make fuzz    cargo fuzz, each target FUZZ_SECONDS (default 60): scripts/fuzz.sh
 #   make fuzz-build  build every fuzz target (CI checks they compile)
 #   make soak    steady load under faults, ~5 min (SOAK_ARGS="--minutes 2") -> bench/SOAK.md, bench/soak.json
+#   make compose-test    the docker-compose harness for real, with faults (installs Docker if missing)
+#   make compose-images  local stand-ins for the registry images, on machines without a registry
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -29,7 +31,8 @@ PYTEST_ARGS ?=
 FILTER_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 CHAT_SRC := $(shell find chat-node/src -name '*.rs') chat-node/Cargo.toml Cargo.lock
 
-.PHONY: build trap-wasm test unit e2e lint fmt run demo bench fuzz fuzz-build soak clean deps wasm-target wasm-opt venv redis promtool chat-node
+.PHONY: build trap-wasm test unit e2e lint fmt run demo bench fuzz fuzz-build soak clean deps wasm-target wasm-opt venv \
+  redis promtool chat-node docker-tools compose-images compose-test
 
 ## Toolchain and tools -----------------------------------------------------------------
 
@@ -136,6 +139,26 @@ fuzz-build:
 SOAK_ARGS ?=
 soak: deps $(WASM) $(CHAT_NODE)
 	$(PY) scripts/soak.py $(SOAK_ARGS)
+
+## Containers ---------------------------------------------------------------------------
+
+# Debian's Docker engine and Compose v1 (docker-compose 1.29), when missing.
+docker-tools:
+	@command -v dockerd >/dev/null && command -v docker-compose >/dev/null || { \
+	  echo "installing Debian's docker.io and docker-compose (needs root)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose >/dev/null; }
+
+# The images envoy/docker-compose.yml needs: pulled, or local stand-ins when no registry
+# answers (scripts/compose-images.sh), and the chat node's. Starts a Docker engine for
+# the purpose if none answers, and stops it again.
+compose-images: venv docker-tools
+	$(PY) scripts/compose_test.py --images-only
+
+# envoy/docker-compose.yml up, conversations through 127.0.0.1:10000 while a chat node and
+# a Redis master are killed, down -v (scripts/compose_test.py; docs/harness.md).
+COMPOSE_TEST_ARGS ?=
+compose-test: venv docker-tools $(WASM)
+	$(PY) scripts/compose_test.py $(COMPOSE_TEST_ARGS)
 
 clean:
 	cargo clean

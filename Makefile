@@ -10,6 +10,8 @@
 #   make soak    steady load under faults, ~5 min (SOAK_ARGS="--minutes 2") -> bench/SOAK.md, bench/soak.json
 #   make bench-placement  placement under load, ~15 min (PLACEMENT_ARGS=--quick) -> bench/PLACEMENT.md,
 #                bench/placement.json, bench/placement.svg (not part of test)
+#   make compose-test    the docker-compose harness for real, with faults (installs Docker if missing)
+#   make compose-images  local stand-ins for the registry images, on machines without a registry
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -31,7 +33,8 @@ PYTEST_ARGS ?=
 FILTER_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 CHAT_SRC := $(shell find chat-node/src -name '*.rs') chat-node/Cargo.toml Cargo.lock
 
-.PHONY: build trap-wasm test unit e2e lint fmt run demo bench bench-placement fuzz fuzz-build soak clean deps wasm-target wasm-opt venv redis chat-node
+.PHONY: build trap-wasm test unit e2e lint fmt run demo bench bench-placement fuzz fuzz-build soak clean deps wasm-target \
+  wasm-opt venv redis promtool chat-node docker-tools compose-images compose-test
 
 ## Toolchain and tools -----------------------------------------------------------------
 
@@ -56,7 +59,14 @@ redis:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; \
 	  systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true; }
 
-deps: wasm-target venv redis
+# Prometheus's promtool checks and unit-tests envoy/observability/prometheus-rules.yaml.
+promtool:
+	@command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus (for promtool; needs root)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true; }
+
+deps: wasm-target venv redis promtool
 
 ## Build --------------------------------------------------------------------------------
 
@@ -136,6 +146,26 @@ fuzz-build:
 SOAK_ARGS ?=
 soak: deps $(WASM) $(CHAT_NODE)
 	$(PY) scripts/soak.py $(SOAK_ARGS)
+
+## Containers ---------------------------------------------------------------------------
+
+# Debian's Docker engine and Compose v1 (docker-compose 1.29), when missing.
+docker-tools:
+	@command -v dockerd >/dev/null && command -v docker-compose >/dev/null || { \
+	  echo "installing Debian's docker.io and docker-compose (needs root)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose >/dev/null; }
+
+# The images envoy/docker-compose.yml needs: pulled, or local stand-ins when no registry
+# answers (scripts/compose-images.sh), and the chat node's. Starts a Docker engine for
+# the purpose if none answers, and stops it again.
+compose-images: venv docker-tools
+	$(PY) scripts/compose_test.py --images-only
+
+# envoy/docker-compose.yml up, conversations through 127.0.0.1:10000 while a chat node and
+# a Redis master are killed, down -v (scripts/compose_test.py; docs/harness.md).
+COMPOSE_TEST_ARGS ?=
+compose-test: venv docker-tools $(WASM)
+	$(PY) scripts/compose_test.py $(COMPOSE_TEST_ARGS)
 
 clean:
 	cargo clean

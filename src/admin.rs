@@ -11,6 +11,11 @@
 //! set. Its weight is the admin `weight` (at least 1). When the cluster has several
 //! priorities, the hosts of the lowest priority that has a healthy host are used, as
 //! Envoy's own priority failover would.
+//!
+//! With `placement.drain` (DESIGN section 10), a host whose `eds_health_status` is
+//! `DRAINING` (and that has none of the failure flags) is listed too, marked draining.
+//! Each listed host also brings its `rq_active` gauge (requests in flight to it, summed
+//! over Envoy's workers), the base of the load placement uses.
 
 use std::fmt;
 
@@ -63,6 +68,34 @@ struct HostStatus {
     weight: Option<u32>,
     #[serde(default)]
     priority: Option<u32>,
+    #[serde(default)]
+    stats: Vec<Stat>,
+}
+
+/// One of a host's `stats` (`{"name": "rq_active", "type": "GAUGE", "value": "3"}`; a
+/// proto3 uint64 is a JSON string, and a zero value is left out).
+#[derive(Deserialize)]
+struct Stat {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    value: Option<StatValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StatValue {
+    Number(u64),
+    Text(String),
+}
+
+impl StatValue {
+    fn get(&self) -> u64 {
+        match self {
+            StatValue::Number(n) => *n,
+            StatValue::Text(t) => t.parse().unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -89,25 +122,48 @@ struct HealthStatus {
 }
 
 impl HealthStatus {
-    fn healthy(&self) -> bool {
-        matches!(self.eds_health_status.as_deref(), None | Some("HEALTHY") | Some("DEGRADED"))
-            && !self.failed_active_health_check
+    fn flags_clear(&self) -> bool {
+        !self.failed_active_health_check
             && !self.failed_outlier_check
             && !self.pending_dynamic_removal
             && !self.excluded_via_immediate_hc_fail
     }
+
+    fn healthy(&self) -> bool {
+        matches!(self.eds_health_status.as_deref(), None | Some("HEALTHY") | Some("DEGRADED")) && self.flags_clear()
+    }
+
+    fn draining(&self) -> bool {
+        self.eds_health_status.as_deref() == Some("DRAINING") && self.flags_clear()
+    }
+}
+
+/// What one poll lists for the cluster: its usable hosts and their `rq_active`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub hosts: Vec<HostSpec>,
+    /// `(address, rq_active)` of each host of `hosts`.
+    pub rq_active: Vec<(String, u32)>,
 }
 
 /// The healthy hosts of `cluster` in an admin `/clusters?format=json` body.
 pub fn healthy_hosts(body: &[u8], cluster: &str) -> Result<Vec<HostSpec>, AdminError> {
+    listing(body, cluster, false).map(|l| l.hosts)
+}
+
+/// The hosts of `cluster` the filter can use, with their loads; with `drain`, draining
+/// hosts are listed (marked) too.
+pub fn listing(body: &[u8], cluster: &str, drain: bool) -> Result<Listing, AdminError> {
     if body.len() > MAX_BODY_BYTES {
         return Err(AdminError::TooLarge(body.len()));
     }
     let doc: Clusters = serde_json::from_slice(body).map_err(|e| AdminError::Json(e.to_string()))?;
     let status = doc.cluster_statuses.into_iter().find(|c| c.name == cluster).ok_or(AdminError::NoSuchCluster)?;
-    let mut by_priority: Vec<(u32, HostSpec)> = Vec::new();
+    let mut by_priority: Vec<(u32, HostSpec, u32)> = Vec::new();
     for h in status.host_statuses {
-        if !h.health_status.unwrap_or_default().healthy() {
+        let health = h.health_status.unwrap_or_default();
+        let draining = drain && health.draining();
+        if !health.healthy() && !draining {
             continue;
         }
         // Pipes and internal addresses cannot be override targets: skip them.
@@ -116,10 +172,25 @@ pub fn healthy_hosts(body: &[u8], cluster: &str) -> Result<Vec<HostSpec>, AdminE
         let address = hosts::join_address(&sa.address, port)
             .ok_or_else(|| AdminError::BadHost(format!("{}:{port}", truncate(&sa.address))))?;
         let weight = h.weight.unwrap_or(1).max(1);
-        by_priority.push((h.priority.unwrap_or(0), HostSpec { key: address.clone(), address, weight }));
+        let rq_active = h
+            .stats
+            .iter()
+            .find(|s| s.name == "rq_active")
+            .and_then(|s| s.value.as_ref())
+            .map_or(0, |v| u32::try_from(v.get()).unwrap_or(u32::MAX));
+        by_priority.push((
+            h.priority.unwrap_or(0),
+            HostSpec { key: address.clone(), address, weight, draining },
+            rq_active,
+        ));
     }
-    let Some(best) = by_priority.iter().map(|(p, _)| *p).min() else { return Ok(Vec::new()) };
-    Ok(by_priority.into_iter().filter(|(p, _)| *p == best).map(|(_, h)| h).collect())
+    let Some(best) = by_priority.iter().map(|(p, _, _)| *p).min() else { return Ok(Listing::default()) };
+    let mut out = Listing::default();
+    for (_, h, active) in by_priority.into_iter().filter(|(p, _, _)| *p == best) {
+        out.rq_active.push((h.address.clone(), active));
+        out.hosts.push(h);
+    }
+    Ok(out)
 }
 
 fn truncate(s: &str) -> &str {
@@ -160,6 +231,32 @@ mod tests {
         let hosts = healthy_hosts(BODY.as_bytes(), "chat").unwrap();
         let got: Vec<(&str, u32)> = hosts.iter().map(|h| (h.address.as_str(), h.weight)).collect();
         assert_eq!(got, vec![("127.0.0.1:8001", 3), ("[::1]:8002", 1), ("127.0.0.1:8008", 1)]);
+    }
+
+    #[test]
+    fn draining_hosts_and_loads_under_placement() {
+        let body = r#"{"cluster_statuses":[{"name":"c","host_statuses":[
+          {"address":{"socket_address":{"address":"10.0.0.1","port_value":1}},
+           "stats":[{"name":"cx_active","type":"GAUGE","value":"9"},{"name":"rq_active","type":"GAUGE","value":"3"}]},
+          {"address":{"socket_address":{"address":"10.0.0.2","port_value":1}},"health_status":{"eds_health_status":"DRAINING"},
+           "stats":[{"name":"rq_active","type":"GAUGE","value":7}]},
+          {"address":{"socket_address":{"address":"10.0.0.3","port_value":1}},
+           "health_status":{"eds_health_status":"DRAINING","failed_active_health_check":true}},
+          {"address":{"socket_address":{"address":"10.0.0.4","port_value":1}},"stats":[{"name":"rq_active","type":"GAUGE"}]},
+          {"address":{"socket_address":{"address":"10.0.0.5","port_value":1}},"stats":[{"name":"rq_active","value":"x"}]}]}]}"#;
+        let l = listing(body.as_bytes(), "c", false).unwrap();
+        let got: Vec<(&str, bool)> = l.hosts.iter().map(|h| (h.address.as_str(), h.draining)).collect();
+        assert_eq!(got, vec![("10.0.0.1:1", false), ("10.0.0.4:1", false), ("10.0.0.5:1", false)]);
+        assert_eq!(l.rq_active, vec![("10.0.0.1:1".into(), 3), ("10.0.0.4:1".into(), 0), ("10.0.0.5:1".into(), 0)]);
+        let l = listing(body.as_bytes(), "c", true).unwrap();
+        let got: Vec<(&str, bool)> = l.hosts.iter().map(|h| (h.address.as_str(), h.draining)).collect();
+        assert_eq!(
+            got,
+            vec![("10.0.0.1:1", false), ("10.0.0.2:1", true), ("10.0.0.4:1", false), ("10.0.0.5:1", false)]
+        );
+        assert_eq!(l.rq_active[1], ("10.0.0.2:1".into(), 7));
+        // Without placement.drain, the same listing as before: healthy hosts only.
+        assert_eq!(healthy_hosts(body.as_bytes(), "c").unwrap().len(), 3);
     }
 
     #[test]

@@ -106,7 +106,33 @@ pub struct RawConfig {
     pub mode: Option<Mode>,
     pub upstream: RawUpstream,
     #[serde(default)]
+    pub placement: Option<RawPlacement>,
+    #[serde(default)]
     pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlacement {
+    #[serde(default)]
+    pub balance_factor: Option<u32>,
+    #[serde(default)]
+    pub saturation: Option<RawSaturation>,
+    #[serde(default)]
+    pub drain: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSaturation {
+    #[serde(default)]
+    pub metric: Option<String>,
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    #[serde(default)]
+    pub stale_ms: Option<u32>,
+    #[serde(default)]
+    pub spill: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,8 +333,33 @@ pub struct Config {
     pub override_header: String,
     pub fallbacks: usize,
     pub hosts: Hosts,
+    /// Placement under load (DESIGN section 10); `None`: placement by the ranking alone.
+    pub placement: Option<Placement>,
     /// Counters are accumulated in VM memory and flushed this often (0: every request).
     pub metrics_flush_ms: u32,
+}
+
+/// Placement under load (DESIGN section 10).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    /// Bounded loads: `c` in `load + 1 ≤ ⌈c/100 × (L + 1) × w / W⌉` (101–1000).
+    pub balance_factor: Option<u32>,
+    pub saturation: Option<Saturation>,
+    /// Draining hosts keep their pinned sessions and take no new ones.
+    pub drain: bool,
+}
+
+/// Saturation from the nodes' own ORCA load reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Saturation {
+    /// The named metric (`named_metrics.<metric>` of the report).
+    pub metric: String,
+    /// Saturated while the last report is at least this.
+    pub threshold: f64,
+    /// A report older than this no longer counts.
+    pub stale_ms: u64,
+    /// Pinned sessions leave a saturated node.
+    pub spill: bool,
 }
 
 pub const DEFAULT_OVERRIDE_HEADER: &str = "x-gateway-destination-endpoint";
@@ -553,6 +604,11 @@ impl Config {
             }
         };
 
+        let mode = raw.mode.unwrap_or(Mode::Pinned);
+        let placement = match raw.placement {
+            None => None,
+            Some(p) => Some(placement(p, mode, ticket.is_some())?),
+        };
         let metrics_flush_ms = raw.metrics.and_then(|m| m.flush_ms).unwrap_or(DEFAULT_FLUSH_MS);
         let on_invalid = raw.on_invalid.unwrap_or(Action::Reject);
         if on_invalid == Action::ClientAddress {
@@ -571,13 +627,71 @@ impl Config {
             mint_ttl_seconds: i64::from(mint_ttl),
             mint_cookie,
             ticket,
-            mode: raw.mode.unwrap_or(Mode::Pinned),
+            mode,
             override_header,
             fallbacks: fallbacks as usize,
             hosts,
+            placement,
             metrics_flush_ms,
         })
     }
+}
+
+pub const MIN_BALANCE_FACTOR: u32 = 101;
+pub const MAX_BALANCE_FACTOR: u32 = 1000;
+pub const DEFAULT_SATURATION_METRIC: &str = "kv_cache_usage_perc";
+pub const DEFAULT_SATURATION_THRESHOLD: f64 = 0.9;
+pub const DEFAULT_STALE_MS: u32 = 5000;
+
+/// Checks `placement` (DESIGN section 10).
+fn placement(p: RawPlacement, mode: Mode, has_ticket: bool) -> Result<Placement, ConfigError> {
+    // A load-dependent choice without a ticket to remember it would move a session
+    // whenever the loads change.
+    if mode != Mode::Pinned || !has_ticket {
+        return Err(ConfigError::new(
+            "placement",
+            "needs `mode: \"pinned\"` and a `ticket` (a load-dependent placement must be remembered by the \
+             session's ticket, or sessions would move whenever the loads change)",
+        ));
+    }
+    if p.balance_factor.is_none() && p.saturation.is_none() && p.drain.is_none() {
+        return Err(ConfigError::new("placement", "set at least one of `balance_factor`, `saturation` or `drain`"));
+    }
+    if let Some(c) = p.balance_factor {
+        if !(MIN_BALANCE_FACTOR..=MAX_BALANCE_FACTOR).contains(&c) {
+            return Err(ConfigError::new(
+                "placement.balance_factor",
+                format!(
+                    "must be {MIN_BALANCE_FACTOR}-{MAX_BALANCE_FACTOR} (a percent of the mean load: 150 allows 1.5x)"
+                ),
+            ));
+        }
+    }
+    let saturation = match p.saturation {
+        None => None,
+        Some(s) => {
+            let metric = s.metric.unwrap_or_else(|| DEFAULT_SATURATION_METRIC.into());
+            if metric.is_empty()
+                || metric.len() > 128
+                || !metric.bytes().all(|b| b.is_ascii_graphic() && b != b',' && b != b'=')
+            {
+                return Err(ConfigError::new(
+                    "placement.saturation.metric",
+                    "must be the name of an ORCA named metric (1-128 visible ASCII characters, no `,` or `=`)",
+                ));
+            }
+            let threshold = s.threshold.unwrap_or(DEFAULT_SATURATION_THRESHOLD);
+            if !threshold.is_finite() || threshold <= 0.0 {
+                return Err(ConfigError::new("placement.saturation.threshold", "must be a number above 0"));
+            }
+            let stale_ms = s.stale_ms.unwrap_or(DEFAULT_STALE_MS);
+            if stale_ms == 0 {
+                return Err(ConfigError::new("placement.saturation.stale_ms", "must be at least 1"));
+            }
+            Some(Saturation { metric, threshold, stale_ms: u64::from(stale_ms), spill: s.spill.unwrap_or(false) })
+        }
+    };
+    Ok(Placement { balance_factor: p.balance_factor, saturation, drain: p.drain.unwrap_or(false) })
 }
 
 /// The path (`token.keys[1].alg`) of the JSON value at 1-based `line` and `column` of
@@ -694,7 +808,7 @@ fn static_hosts(list: Vec<RawHost>) -> Result<HostSet, ConfigError> {
         if let Some(j) = specs.iter().position(|s: &HostSpec| s.key == key) {
             return Err(ConfigError::new(field, format!("same host key as upstream.hosts[{j}]")));
         }
-        specs.push(HostSpec { address, key, weight });
+        specs.push(HostSpec { address, key, weight, draining: false });
     }
     HostSet::new(specs).map_err(|e| ConfigError::new("upstream.hosts", e.to_string()))
 }

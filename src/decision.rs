@@ -20,12 +20,16 @@
 
 use crate::affinity;
 use crate::config::{
-    Action, Config, Mode, Source, AFFINITY_HEADER, PREVIOUS_NODE_HEADER, SESSION_ID_HEADER, TICKET_HEADER, TOKEN_HEADER,
+    Action, Config, Mode, Placement, Source, AFFINITY_HEADER, PREVIOUS_NODE_HEADER, SESSION_ID_HEADER, TICKET_HEADER,
+    TOKEN_HEADER,
 };
 use crate::headers::{self, Header};
 use crate::hosts::{self, HostSet};
+use crate::load::{InFlight, LoadBook};
 use crate::memo::{Memos, TokenFacts};
 use crate::metrics::{Counter, Outcome, Tally};
+use crate::orca;
+use crate::placement::{self, NodeView, Placed};
 use crate::ticket::{Ticket, MAX_TICKET_BYTES};
 use crate::token::{self, TokenError};
 
@@ -72,22 +76,33 @@ pub struct Pending {
     /// The chosen node's `h64`, so the usual response (served by the primary) needs no
     /// host-set lookup.
     pub primary_node: Option<u64>,
+    /// Under `placement`: the request as counted in the chosen node's load, until it ends
+    /// ([`LoadBook::finished`]).
+    pub in_flight: Option<InFlight>,
+    /// Under `placement.saturation`: the filter asked the node for a load report the
+    /// client did not ask for, so the report is taken off the response.
+    pub strip_load_report: bool,
 }
 
 /// Rejection reason for a missing token under `reject`.
 pub const MISSING: &str = "missing";
 
 /// The per-VM state a decision reads and updates besides its arguments: counts not yet
-/// flushed, and the memo of recent successful checks.
+/// flushed, the memo of recent successful checks, and (under `placement`) the nodes'
+/// loads and load reports.
 #[derive(Debug)]
 pub struct Scratch {
     pub tally: Tally,
     pub memos: Memos,
+    pub load: LoadBook,
+    /// The decision's time in milliseconds (set by [`decide_at`]; [`decide`] sets it from
+    /// its seconds): load reports age by it.
+    pub now_ms: u64,
 }
 
 impl Scratch {
     pub fn new(seed: u64) -> Scratch {
-        Scratch { tally: Tally::default(), memos: Memos::new(seed) }
+        Scratch { tally: Tally::default(), memos: Memos::new(seed), load: LoadBook::default(), now_ms: 0 }
     }
 
     /// A configuration was applied: the memo, which holds the verdicts of the previous
@@ -130,7 +145,7 @@ impl Ask for Given {
     }
 }
 
-/// Decides a request.
+/// Decides a request at `now` (Unix seconds).
 pub fn decide<'c>(
     cfg: &'c Config,
     request: &[Header<'_>],
@@ -139,6 +154,20 @@ pub fn decide<'c>(
     ask: &mut dyn Ask,
     scratch: &mut Scratch,
 ) -> Decision<'c> {
+    decide_at(cfg, request, hosts, u64::try_from(now).unwrap_or(0).saturating_mul(1000), ask, scratch)
+}
+
+/// Decides a request at `now_ms` (Unix milliseconds).
+pub fn decide_at<'c>(
+    cfg: &'c Config,
+    request: &[Header<'_>],
+    hosts: &HostSet,
+    now_ms: u64,
+    ask: &mut dyn Ask,
+    scratch: &mut Scratch,
+) -> Decision<'c> {
+    let now = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+    scratch.now_ms = now_ms;
     scratch.tally.add(Counter::Requests);
     let remove = spoofed(cfg, request);
     let verdict = verdict(cfg, request, hosts, now, ask, scratch);
@@ -334,10 +363,8 @@ fn affined<'c>(
         }
         _ => None,
     };
-    let tally = &mut scratch.tally;
-
     if hosts.is_empty() {
-        tally.add(Counter::Outcome(Outcome::NoHost));
+        scratch.tally.add(Counter::Outcome(Outcome::NoHost));
         return Verdict::Reply(no_healthy_upstream());
     }
 
@@ -348,15 +375,23 @@ fn affined<'c>(
         _ => None,
     };
     let mut order = Vec::with_capacity(want + 1);
-    match pinned {
-        Some(p) => {
-            hosts.top_k(session_h64, want + 1, &mut order);
-            order.retain(|i| *i != p);
-            order.insert(0, p);
-            order.truncate(want);
-        }
-        None => hosts.top_k(session_h64, want, &mut order),
+    match &cfg.placement {
+        None => match pinned {
+            Some(p) => {
+                hosts.top_k(session_h64, want + 1, &mut order);
+                order.retain(|i| *i != p);
+                order.insert(0, p);
+                order.truncate(want);
+            }
+            None => hosts.top_k(session_h64, want, &mut order),
+        },
+        Some(pl) => place_under_load(cfg, pl, hosts, session_h64, pinned, tickets, scratch, &mut order),
     }
+    let in_flight = match (&cfg.placement, order.first()) {
+        (Some(_), Some(&i)) => scratch.load.routed(i),
+        _ => None,
+    };
+    let tally = &mut scratch.tally;
     let list = hosts.hosts();
     let Some(chosen) = order.first().and_then(|i| list.get(*i)) else {
         tally.add(Counter::Outcome(Outcome::NoHost));
@@ -387,6 +422,12 @@ fn affined<'c>(
     if let (Outcome::Moved, Some(t)) = (outcome, ticket) {
         set.push((PREVIOUS_NODE_HEADER, hosts::node_id(t.node)));
     }
+    // Ask every upstream for its load report (DESIGN section 10).
+    let mut strip_load_report = false;
+    if cfg.placement.as_ref().is_some_and(|p| p.saturation.is_some()) {
+        strip_load_report = headers::first(request, orca::FORMAT_HEADER).is_none();
+        set.push((orca::FORMAT_HEADER, orca::FORMAT_TEXT.to_string()));
+    }
     Verdict::Forward {
         set,
         pending: Pending {
@@ -396,8 +437,110 @@ fn affined<'c>(
             tickets,
             primary: Some(chosen.address.clone()),
             primary_node: Some(chosen.h64),
+            in_flight,
+            strip_load_report,
         },
     }
+}
+
+/// Step 5 under `placement` (DESIGN section 10): a pinned session stays on its node
+/// (draining or not) unless `spill` moves it off a saturated one; a session that needs a
+/// node goes as far down its full ranking as load, saturation and drain say. `order`
+/// receives the chosen host, then its fallbacks (the ranking's next hosts, never a
+/// draining one).
+///
+/// A session without tickets (identified by the client address) has nothing to remember
+/// a load-dependent choice: it is placed by its ranking, draining hosts aside, every time
+/// (so it stays where it is whatever the loads), and counts no placement.
+#[allow(clippy::too_many_arguments)]
+fn place_under_load(
+    cfg: &Config,
+    pl: &Placement,
+    hosts: &HostSet,
+    session_h64: u64,
+    pinned: Option<usize>,
+    tickets: bool,
+    scratch: &mut Scratch,
+    order: &mut Vec<usize>,
+) {
+    let mut ranking = Vec::with_capacity(hosts.len());
+    hosts.top_k(session_h64, hosts.len(), &mut ranking);
+    let (load, now_ms) = (&scratch.load, scratch.now_ms);
+    let views: Vec<NodeView> = hosts
+        .hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| NodeView {
+            load: load.load(i),
+            weight: h.weight,
+            saturated: tickets
+                && pl.saturation.as_ref().is_some_and(|s| load.saturated(i, s.threshold, s.stale_ms, now_ms)),
+            draining: h.draining,
+        })
+        .collect();
+    if !tickets {
+        if let Some(c) = placement::place(&ranking, &views, None) {
+            order.push(c.host);
+            placement::fallbacks(&ranking, &views, c.host, cfg.fallbacks, order);
+        }
+        return;
+    }
+    let tally = &mut scratch.tally;
+    let chosen = match pinned {
+        Some(p) => {
+            let spill = pl.saturation.as_ref().is_some_and(|s| s.spill);
+            match spill.then(|| placement::spill(&ranking, &views, p, pl.balance_factor)).flatten() {
+                Some(c) => {
+                    tally.add(Counter::PlacementSpilled);
+                    tally.add_n(Counter::PlacementSaturatedSkips, u64::from(c.saturated_skips));
+                    c.host
+                }
+                None => {
+                    if views.get(p).is_some_and(|v| v.draining) {
+                        tally.add(Counter::PlacementDrainingKept);
+                    }
+                    p
+                }
+            }
+        }
+        None => match placement::place(&ranking, &views, pl.balance_factor) {
+            Some(c) => {
+                tally.add(match c.placed {
+                    Placed::FirstChoice => Counter::PlacementFirstChoice,
+                    Placed::Bounded => Counter::PlacementBounded,
+                });
+                tally.add_n(Counter::PlacementSaturatedSkips, u64::from(c.saturated_skips));
+                c.host
+            }
+            None => return,
+        },
+    };
+    order.push(chosen);
+    placement::fallbacks(&ranking, &views, chosen, cfg.fallbacks, order);
+}
+
+/// The response phase's part in placement: the served node's load report (the
+/// `endpoint-load-metrics` response header, under `placement.saturation`) is recorded;
+/// a malformed, hostile or oversized one is ignored. `served` is the node that answered
+/// ([`served_node`]).
+pub fn observe_load(cfg: &Config, served: Option<u64>, report: Option<&[u8]>, now_ms: u64, load: &mut LoadBook) {
+    let Some(s) = cfg.placement.as_ref().and_then(|p| p.saturation.as_ref()) else { return };
+    if let (Some(node), Some(value)) = (served, report.and_then(|r| orca::named_metric(r, &s.metric))) {
+        load.report(node, value, now_ms);
+    }
+}
+
+/// The node (`h64` of its host key) that answered a forwarded request, by the served
+/// address: the primary's without a lookup when it served.
+pub fn served_node(pending: &Pending, served: Served<'_>, hosts: &HostSet) -> Option<u64> {
+    let addr = served.address?;
+    if Some(addr) == pending.primary.as_deref() {
+        return pending.primary_node;
+    }
+    Some(match hosts.by_address(addr).and_then(|i| hosts.hosts().get(i)) {
+        Some(h) => h.h64,
+        None => affinity::h64(addr.as_bytes()),
+    })
 }
 
 /// The first configured source that is present, and its value. A header source with a

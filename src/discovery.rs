@@ -266,11 +266,13 @@ impl Poller {
     }
 }
 
-/// What an admin poll answered: the healthy hosts of `cluster`, or why the poll failed.
-/// `status` is the response's `:status` (`None`: no response, unreachable or timed out).
-pub fn poll_answer(status: Option<&[u8]>, body: &[u8], cluster: &str) -> Result<Vec<HostSpec>, String> {
+/// What an admin poll answered: the usable hosts of `cluster` (with `drain`, draining
+/// ones marked) and their loads, or why the poll failed. `status` is the response's
+/// `:status` (`None`: no response, unreachable or timed out). The hosts go to
+/// [`Poller::on_poll_result`], the loads to [`crate::load::LoadBook::polled`].
+pub fn poll_answer(status: Option<&[u8]>, body: &[u8], cluster: &str, drain: bool) -> Result<admin::Listing, String> {
     match status {
-        Some(b"200") => admin::healthy_hosts(body, cluster).map_err(|e| e.to_string()),
+        Some(b"200") => admin::listing(body, cluster, drain).map_err(|e| e.to_string()),
         Some(s) => Err(format!("admin answered status {}", String::from_utf8_lossy(s))),
         None => Err("admin answered status none (unreachable or timed out)".into()),
     }
@@ -279,17 +281,19 @@ pub fn poll_answer(status: Option<&[u8]>, body: &[u8], cluster: &str) -> Result<
 /// The shared-data key of a discovery source. Shared data is process-wide per Envoy
 /// `vm_id`, so the key names the filter, the admin cluster and the cluster.
 pub fn shared_key(d: &Discovery) -> String {
-    format!("session_affinity.discovery.v1\n{}\n{}", d.admin_cluster, d.cluster)
+    format!("session_affinity.discovery.v2\n{}\n{}", d.admin_cluster, d.cluster)
 }
 
-const SHARED_MAGIC: &str = "sa-hosts-v1";
+const SHARED_MAGIC: &str = "sa-hosts-v2";
 
-/// A host set as shared data: `sa-hosts-v1 <written_ms>` then one `<weight> <address>`
-/// line per host (a discovered host's key is its address).
+/// A host set as shared data: `sa-hosts-v2 <written_ms>` then one `<weight> <address>`
+/// line per host, `<weight> <address> draining` for a draining one (a discovered host's
+/// key is its address).
 pub fn encode_shared(set: &HostSet, now_ms: u64) -> Vec<u8> {
     let mut out = format!("{SHARED_MAGIC} {now_ms}\n");
     for s in set.specs() {
-        out.push_str(&format!("{} {}\n", s.weight, s.address));
+        let flag = if s.draining { " draining" } else { "" };
+        out.push_str(&format!("{} {}{flag}\n", s.weight, s.address));
     }
     out.into_bytes()
 }
@@ -310,10 +314,15 @@ pub fn decode_shared(value: &[u8], now_ms: u64, max_age_ms: u64) -> Option<Vec<H
     }
     let mut specs = Vec::new();
     for line in lines {
-        let (weight, address) = line.split_once(' ')?;
+        let (weight, rest) = line.split_once(' ')?;
         let weight: u32 = weight.parse().ok().filter(|w| *w >= 1)?;
+        let (address, draining) = match rest.split_once(' ') {
+            None => (rest, false),
+            Some((a, "draining")) => (a, true),
+            Some(_) => return None,
+        };
         let address = hosts::canonical_address(address)?;
-        specs.push(HostSpec { key: address.clone(), address, weight });
+        specs.push(HostSpec { key: address.clone(), address, weight, draining });
     }
     Some(specs)
 }
@@ -336,7 +345,7 @@ mod tests {
         (0..n)
             .map(|i| {
                 let a = format!("127.0.0.1:{}", 8001 + i);
-                HostSpec { key: a.clone(), address: a, weight: 1 }
+                HostSpec { key: a.clone(), address: a, weight: 1, draining: false }
             })
             .collect()
     }
@@ -571,13 +580,16 @@ mod tests {
     fn poll_answers() {
         let body = br#"{"cluster_statuses":[{"name":"chat","host_statuses":[
             {"address":{"socket_address":{"address":"127.0.0.1","port_value":8001}}}]}]}"#;
-        assert_eq!(poll_answer(Some(b"200"), body, "chat").map(|h| h.len()), Ok(1));
-        assert_eq!(poll_answer(Some(b"200"), body, "other"), Err("cluster not found in the admin output".into()));
-        // A 500 whose body is a valid listing is still a failed poll.
-        assert_eq!(poll_answer(Some(b"500"), body, "chat"), Err("admin answered status 500".into()));
-        assert_eq!(poll_answer(Some(b"\xff"), b"", "chat"), Err("admin answered status \u{fffd}".into()));
+        assert_eq!(poll_answer(Some(b"200"), body, "chat", false).map(|l| l.hosts.len()), Ok(1));
         assert_eq!(
-            poll_answer(None, body, "chat"),
+            poll_answer(Some(b"200"), body, "other", false),
+            Err("cluster not found in the admin output".into())
+        );
+        // A 500 whose body is a valid listing is still a failed poll.
+        assert_eq!(poll_answer(Some(b"500"), body, "chat", false), Err("admin answered status 500".into()));
+        assert_eq!(poll_answer(Some(b"\xff"), b"", "chat", false), Err("admin answered status \u{fffd}".into()));
+        assert_eq!(
+            poll_answer(None, body, "chat", false),
             Err("admin answered status none (unreachable or timed out)".into())
         );
     }
@@ -585,27 +597,38 @@ mod tests {
     #[test]
     fn shared_values_round_trip_and_refuse_garbage() {
         let set = HostSet::new(vec![
-            HostSpec { address: "[2001:db8::1]:8080".into(), key: "[2001:db8::1]:8080".into(), weight: 5 },
-            HostSpec { address: "10.0.0.1:80".into(), key: "10.0.0.1:80".into(), weight: 1 },
+            HostSpec {
+                address: "[2001:db8::1]:8080".into(),
+                key: "[2001:db8::1]:8080".into(),
+                weight: 5,
+                draining: false,
+            },
+            HostSpec { address: "10.0.0.1:80".into(), key: "10.0.0.1:80".into(), weight: 1, draining: false },
+            HostSpec { address: "10.0.0.2:80".into(), key: "10.0.0.2:80".into(), weight: 2, draining: true },
         ])
         .unwrap();
         let v = encode_shared(&set, 1234);
-        assert_eq!(String::from_utf8_lossy(&v), "sa-hosts-v1 1234\n1 10.0.0.1:80\n5 [2001:db8::1]:8080\n");
+        assert_eq!(
+            String::from_utf8_lossy(&v),
+            "sa-hosts-v2 1234\n1 10.0.0.1:80\n2 10.0.0.2:80 draining\n5 [2001:db8::1]:8080\n"
+        );
         assert_eq!(HostSet::new(decode_shared(&v, 1234, 0).unwrap()).unwrap(), set);
         assert_eq!(decode_shared(&v, 1235, 0), None, "too old");
-        assert_eq!(decode_shared(&v, 0, 0).map(|s| s.len()), Some(2), "a clock behind the writer's is not 'old'");
+        assert_eq!(decode_shared(&v, 0, 0).map(|s| s.len()), Some(3), "a clock behind the writer's is not 'old'");
         for bad in [
             &b""[..],
-            b"sa-hosts-v2 1\n",
-            b"sa-hosts-v1 x\n",
-            b"sa-hosts-v1 1\n0 10.0.0.1:80\n",
-            b"sa-hosts-v1 1\n1 example.com:80\n",
-            b"sa-hosts-v1 1\n110.0.0.1:80\n",
-            b"sa-hosts-v1 1\n\xff\n",
+            b"sa-hosts-v1 1\n",
+            b"sa-hosts-v2 x\n",
+            b"sa-hosts-v2 1\n1 10.0.0.1:80 drained\n",
+            b"sa-hosts-v2 1\n1 10.0.0.1:80 draining x\n",
+            b"sa-hosts-v2 1\n0 10.0.0.1:80\n",
+            b"sa-hosts-v2 1\n1 example.com:80\n",
+            b"sa-hosts-v2 1\n110.0.0.1:80\n",
+            b"sa-hosts-v2 1\n\xff\n",
         ] {
             assert_eq!(decode_shared(bad, 1, 10), None, "{}", String::from_utf8_lossy(bad));
         }
-        assert_eq!(decode_shared(b"sa-hosts-v1 1\n", 1, 10), Some(vec![]));
-        assert_eq!(shared_key(&discovery(1)), "session_affinity.discovery.v1\nadmin\nchat");
+        assert_eq!(decode_shared(b"sa-hosts-v2 1\n", 1, 10), Some(vec![]));
+        assert_eq!(shared_key(&discovery(1)), "session_affinity.discovery.v2\nadmin\nchat");
     }
 }

@@ -26,6 +26,9 @@ pub struct HostSpec {
     pub key: String,
     /// Rendezvous weight, at least 1.
     pub weight: u32,
+    /// Envoy lists it `DRAINING` (kept in the set only under `placement.drain`): it serves
+    /// the sessions pinned to it and takes no new ones.
+    pub draining: bool,
 }
 
 /// One host of a [`HostSet`].
@@ -38,6 +41,8 @@ pub struct Host {
     pub h64: u64,
     /// Lowercase hex of `h64`, 16 digits: the node id clients and nodes see.
     pub node_id: String,
+    /// See [`HostSpec::draining`].
+    pub draining: bool,
 }
 
 impl Candidate for Host {
@@ -109,6 +114,7 @@ impl HostSet {
                 weight: spec.weight,
                 h64: h,
                 node_id: node_id(h),
+                draining: spec.draining,
             });
         }
         let classes = WeightClasses::new(&hosts);
@@ -202,7 +208,7 @@ mod tests {
     use super::*;
 
     fn spec(a: &str, w: u32) -> HostSpec {
-        HostSpec { address: a.into(), key: a.into(), weight: w }
+        HostSpec { address: a.into(), key: a.into(), weight: w, draining: false }
     }
 
     #[test]
@@ -234,8 +240,8 @@ mod tests {
             Some(HostSetError::DuplicateAddress("1.1.1.1:1".into()))
         );
         let dup_key = vec![
-            HostSpec { address: "1.1.1.1:1".into(), key: "k".into(), weight: 1 },
-            HostSpec { address: "1.1.1.1:2".into(), key: "k".into(), weight: 1 },
+            HostSpec { address: "1.1.1.1:1".into(), key: "k".into(), weight: 1, draining: false },
+            HostSpec { address: "1.1.1.1:2".into(), key: "k".into(), weight: 1, draining: false },
         ];
         assert_eq!(HostSet::new(dup_key).err(), Some(HostSetError::DuplicateKey("k".into())));
         let a = HostSet::new(vec![spec("1.1.1.1:1", 1), spec("1.1.1.1:2", 1)]).unwrap();

@@ -24,6 +24,9 @@
 //! - [`headers`]: request headers as bytes (wire map, cookies, spoofing checks).
 //! - [`decision`]: the per-request policy, `decide` and `respond`; session identities.
 //! - [`memo`]: per-VM memo of recent successful token and ticket checks.
+//! - [`placement`]: placement under load: bounded loads, saturation, drain (pure rules).
+//! - [`load`]: per-node load and load reports as one VM sees them.
+//! - [`orca`]: parsing ORCA TEXT load reports.
 //! - [`metrics`]: metric names and the in-VM tally flushed to Envoy.
 //! - `filter` (wasm32 only): root and HTTP contexts; gathers inputs, applies decisions
 //!   and the effects of the discovery and startup state types.
@@ -40,8 +43,11 @@ pub mod discovery;
 pub mod headers;
 pub mod hosts;
 pub mod jws;
+pub mod load;
 pub mod memo;
 pub mod metrics;
+pub mod orca;
+pub mod placement;
 pub mod startup;
 pub mod ticket;
 pub mod token;

@@ -70,13 +70,24 @@ pub enum Counter {
     TokenClientAddress,
     /// A request held at startup until the first host set (or `startup_wait_ms`).
     StartupHeld,
+    /// Placement (DESIGN section 10): a session that needed a node placed on the first
+    /// candidate of its ranking.
+    PlacementFirstChoice,
+    /// ... further down its ranking because of load or saturation.
+    PlacementBounded,
+    /// A pinned session moved off its saturated node.
+    PlacementSpilled,
+    /// A saturated node passed over while placing.
+    PlacementSaturatedSkips,
+    /// A request of a pinned session served by its draining node.
+    PlacementDrainingKept,
 }
 
 const OUTCOMES: [Outcome; 6] =
     [Outcome::New, Outcome::Sticky, Outcome::Moved, Outcome::Unaffined, Outcome::Rejected, Outcome::NoHost];
 
 /// Number of fixed counters.
-pub const COUNTERS: usize = 1 + 6 + 3 + 8 + 2 + 2 + 1 + 2 + 3;
+pub const COUNTERS: usize = 1 + 6 + 3 + 8 + 2 + 2 + 1 + 2 + 3 + 5;
 
 impl Counter {
     /// Every fixed counter, in index order.
@@ -96,6 +107,11 @@ impl Counter {
             Counter::TokenUnsigned,
             Counter::TokenClientAddress,
             Counter::StartupHeld,
+            Counter::PlacementFirstChoice,
+            Counter::PlacementBounded,
+            Counter::PlacementSpilled,
+            Counter::PlacementSaturatedSkips,
+            Counter::PlacementDrainingKept,
         ]);
         v
     }
@@ -119,6 +135,11 @@ impl Counter {
             Counter::TokenUnsigned => 25,
             Counter::TokenClientAddress => 26,
             Counter::StartupHeld => 27,
+            Counter::PlacementFirstChoice => 28,
+            Counter::PlacementBounded => 29,
+            Counter::PlacementSpilled => 30,
+            Counter::PlacementSaturatedSkips => 31,
+            Counter::PlacementDrainingKept => 32,
         }
     }
 
@@ -141,6 +162,11 @@ impl Counter {
             Counter::TokenUnsigned => "token.unsigned".into(),
             Counter::TokenClientAddress => "token.client_address".into(),
             Counter::StartupHeld => "startup.held".into(),
+            Counter::PlacementFirstChoice => "placement.first_choice".into(),
+            Counter::PlacementBounded => "placement.bounded".into(),
+            Counter::PlacementSpilled => "placement.spilled".into(),
+            Counter::PlacementSaturatedSkips => "placement.saturated_skips".into(),
+            Counter::PlacementDrainingKept => "placement.draining_kept".into(),
         };
         format!("{PREFIX}.{tail}")
     }
@@ -155,6 +181,11 @@ pub fn node_label(host_key: &str) -> String {
 /// Name of the per-node request counter of a host key.
 pub fn node_metric(host_key: &str) -> String {
     format!("{PREFIX}.node.{}.requests", node_label(host_key))
+}
+
+/// Name of the per-node load gauge of a host key (DESIGN section 10).
+pub fn node_load_gauge(host_key: &str) -> String {
+    format!("{PREFIX}.node.{}.load", node_label(host_key))
 }
 
 /// Name of the healthy-hosts gauge.
@@ -189,6 +220,17 @@ impl Tally {
     pub fn add(&mut self, c: Counter) {
         if let Some(slot) = self.fixed.get_mut(c.index()) {
             *slot += 1;
+            self.dirty = true;
+        }
+    }
+
+    /// Adds `n` to a fixed counter.
+    pub fn add_n(&mut self, c: Counter, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Some(slot) = self.fixed.get_mut(c.index()) {
+            *slot += n;
             self.dirty = true;
         }
     }

@@ -345,6 +345,7 @@ fn respond_issues_tickets_and_counts() {
         tickets: true,
         primary: Some(primary.address.clone()),
         primary_node: None,
+        ..Pending::default()
     };
     let mut tally = Tally::default();
     let add =
@@ -416,6 +417,7 @@ fn pending_of(sid: &str) -> Pending {
         tickets: true,
         primary: Some("127.0.0.1:8001".into()),
         primary_node: None,
+        ..Pending::default()
     }
 }
 

@@ -65,7 +65,7 @@ fn host_set(v: &Value, name: &str) -> (HostSet, Vec<Plain>) {
         .iter()
         .map(|h| {
             let a = h["address"].as_str().unwrap().to_string();
-            HostSpec { key: a.clone(), address: a, weight: h["weight"].as_u64().unwrap() as u32 }
+            HostSpec { key: a.clone(), address: a, weight: h["weight"].as_u64().unwrap() as u32, draining: false }
         })
         .collect();
     let plain = specs.iter().map(|s| Plain::new(&s.key, s.weight)).collect();

@@ -86,7 +86,7 @@ fn host_sets() -> &'static [HostSet] {
     static H: OnceLock<Vec<HostSet>> = OnceLock::new();
     H.get_or_init(|| {
         let spec =
-            |a: &str, w: u32, k: Option<&str>| HostSpec { address: a.into(), key: k.unwrap_or(a).into(), weight: w };
+            |a: &str, w: u32, k: Option<&str>| HostSpec { address: a.into(), key: k.unwrap_or(a).into(), weight: w, draining: false };
         let sets = vec![
             vec![],
             vec![spec("127.0.0.1:8001", 1, None)],

@@ -33,7 +33,9 @@ use crate::decision::{self, Ask, LocalReply, Pending, Scratch, Served, Verdict};
 use crate::discovery::{self, Effect, Poller};
 use crate::headers;
 use crate::hosts::HostSet;
+use crate::load::InFlight;
 use crate::metrics::{self, Counter, Delta, Outcome};
+use crate::orca;
 use crate::startup::{Admit, Released, Startup};
 
 proxy_wasm::main! {{
@@ -55,6 +57,8 @@ struct MetricIds {
     counters: Vec<u32>,
     /// Per-node request counters, by node `h64` (defined on first flush of the node).
     nodes: HashMap<u64, Option<u32>>,
+    /// Per-node load gauges (under `placement`), by node `h64`.
+    loads: HashMap<u64, Option<u32>>,
     gauge: Option<u32>,
 }
 
@@ -68,6 +72,8 @@ struct State {
     last_flush_ms: u64,
     /// Response-phase state of held requests the root context has resumed, by context id.
     resumed: HashMap<u32, Phase>,
+    /// This VM has handled a request (a worker's VM).
+    routes: bool,
 }
 
 impl State {
@@ -80,12 +86,27 @@ impl State {
             ids: MetricIds::default(),
             last_flush_ms: 0,
             resumed: HashMap::new(),
+            routes: false,
         }
     }
 
-    /// Sends every pending count to Envoy.
+    /// Sends every pending count to Envoy, and (under `placement`, from a VM that routes
+    /// requests) every node's load.
     fn flush(&mut self, now_ms: u64) {
         self.last_flush_ms = now_ms;
+        // The main thread's VM never routes a request: its view of the loads is the admin
+        // poll's alone, so it leaves the gauges to the workers' VMs.
+        if self.config.as_ref().is_some_and(|c| c.placement.is_some()) && self.routes {
+            let State { scratch, ids, hosts, .. } = self;
+            for (i, h) in hosts.hosts().iter().enumerate() {
+                let id = *ids.loads.entry(h.h64).or_insert_with(|| {
+                    proxy_wasm::hostcalls::define_metric(MetricType::Gauge, &metrics::node_load_gauge(&h.key)).ok()
+                });
+                if let Some(id) = id {
+                    let _ = proxy_wasm::hostcalls::record_metric(id, u64::from(scratch.load.load(i)));
+                }
+            }
+        }
         if !self.scratch.tally.is_dirty() {
             return;
         }
@@ -115,11 +136,13 @@ impl State {
         }
     }
 
-    /// Puts a host set in use.
+    /// Puts a host set in use (and keys the loads like it).
     fn install(&mut self, set: Rc<HostSet>) {
         if let Some(id) = self.ids.gauge {
             let _ = proxy_wasm::hostcalls::record_metric(id, set.len() as u64);
         }
+        let order: Vec<u64> = set.hosts().iter().map(|h| h.h64).collect();
+        self.scratch.load.align(&order);
         self.hosts = set;
     }
 }
@@ -167,11 +190,11 @@ fn serve(state: &RefCell<State>, nanos: u64) -> Phase {
         reply(&decision::unreadable_headers());
         return Phase::Replied;
     };
-    let now = (nanos / 1_000_000_000) as i64;
     let mut st = state.borrow_mut();
     let Some(cfg) = st.config.clone() else { return Phase::Start };
+    st.routes = true;
     let hosts = st.hosts.clone();
-    let d = decision::decide(&cfg, &request, &hosts, now, &mut HostAsk, &mut st.scratch);
+    let d = decision::decide_at(&cfg, &request, &hosts, nanos / 1_000_000, &mut HostAsk, &mut st.scratch);
     st.maybe_flush(nanos / 1_000_000);
     drop(st);
 
@@ -234,7 +257,16 @@ impl Root {
                     let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(ms));
                 }
                 Effect::Install(set) => {
-                    log::info!("session-affinity: {} healthy hosts in cluster {}", set.len(), d.cluster);
+                    let draining = set.hosts().iter().filter(|h| h.draining).count();
+                    if draining > 0 {
+                        log::info!(
+                            "session-affinity: {} healthy hosts in cluster {} ({draining} draining)",
+                            set.len(),
+                            d.cluster
+                        );
+                    } else {
+                        log::info!("session-affinity: {} healthy hosts in cluster {}", set.len(), d.cluster);
+                    }
                     self.state.borrow_mut().install(set);
                 }
                 Effect::Settled(n) => released.extend(self.state.borrow_mut().startup.on_hosts(n, now_ms)),
@@ -289,6 +321,8 @@ impl Context for Root {
         }
         self.in_flight = None;
         let Some(cluster) = self.discovery.as_ref().map(|(_, d, _)| d.cluster.clone()) else { return };
+        let placement = self.state.borrow().config.as_ref().is_some_and(|c| c.placement.is_some());
+        let drain = self.state.borrow().config.as_ref().and_then(|c| c.placement.as_ref()).is_some_and(|p| p.drain);
         let status = raw::header(MapType::HttpCallResponseHeaders, ":status");
         let body = match status.as_deref() {
             Some(b"200") => proxy_wasm::hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
@@ -297,10 +331,15 @@ impl Context for Root {
                 .unwrap_or_default(),
             _ => Vec::new(),
         };
-        let result = discovery::poll_answer(status.as_deref(), &body, &cluster);
+        let result = discovery::poll_answer(status.as_deref(), &body, &cluster, drain);
         let now_ms = now_nanos() / 1_000_000;
+        // The nodes' loads as Envoy counts them (rq_active), the base of placement.
+        if let (true, Ok(listing)) = (placement, &result) {
+            let polled = listing.rq_active.iter().map(|(a, n)| (crate::affinity::h64(a.as_bytes()), *n));
+            self.state.borrow_mut().scratch.load.polled(polled);
+        }
         let fx = match self.discovery.as_mut() {
-            Some((poller, _, _)) => poller.on_poll_result(result, now_ms),
+            Some((poller, _, _)) => poller.on_poll_result(result.map(|l| l.hosts), now_ms),
             None => return,
         };
         self.apply(fx, now_ms);
@@ -402,8 +441,9 @@ enum Phase {
     /// timer, do not need a fresher clock, and a host call is the dearest thing a request
     /// does).
     Forwarded { pending: Pending, nanos: u64 },
-    /// Response headers handled.
-    Done,
+    /// Response headers handled; under `placement`, the request still counts in its
+    /// node's load until it ends.
+    Done(Option<InFlight>),
 }
 
 struct Stream {
@@ -470,9 +510,10 @@ impl HttpContext for Stream {
         #[cfg(feature = "test-trap")]
         test_trap(MapType::HttpResponseHeaders, b"response");
         self.take_resumed();
-        let Phase::Forwarded { pending, nanos } = std::mem::replace(&mut self.phase, Phase::Done) else {
+        let Phase::Forwarded { pending, nanos } = std::mem::replace(&mut self.phase, Phase::Done(None)) else {
             return Action::Continue;
         };
+        self.phase = Phase::Done(pending.in_flight);
         let address = raw::property(UPSTREAM_ADDRESS);
         let address = address.as_deref().and_then(|a| std::str::from_utf8(a).ok());
         let status = raw::header(MapType::HttpResponseHeaders, ":status")
@@ -480,16 +521,21 @@ impl HttpContext for Stream {
         let mut st = self.state.borrow_mut();
         let Some(cfg) = st.config.clone() else { return Action::Continue };
         let hosts = st.hosts.clone();
-        let add = decision::respond(
-            &cfg,
-            &pending,
-            Served { address, status },
-            &hosts,
-            (nanos / 1_000_000_000) as i64,
-            &mut st.scratch.tally,
-        );
+        let served = Served { address, status };
+        let add =
+            decision::respond(&cfg, &pending, served, &hosts, (nanos / 1_000_000_000) as i64, &mut st.scratch.tally);
+        // Saturation: the node's own load report (only then is the header read).
+        let saturation = cfg.placement.as_ref().is_some_and(|p| p.saturation.is_some());
+        if saturation {
+            let report = raw::header(MapType::HttpResponseHeaders, orca::REPORT_HEADER);
+            let node = decision::served_node(&pending, served, &hosts);
+            decision::observe_load(&cfg, node, report.as_deref(), now_nanos() / 1_000_000, &mut st.scratch.load);
+        }
         st.maybe_flush(nanos / 1_000_000);
         drop(st);
+        if saturation && pending.strip_load_report {
+            raw::remove_header(MapType::HttpResponseHeaders, orca::REPORT_HEADER);
+        }
         for (name, value) in &add {
             raw::add_header(MapType::HttpResponseHeaders, name, value.as_bytes());
         }
@@ -498,11 +544,19 @@ impl HttpContext for Stream {
 
     fn on_log(&mut self) {
         self.take_resumed();
-        // Forwarded but no response headers ever came: the upstream never answered.
-        if let Phase::Forwarded { nanos, .. } = self.phase {
-            let mut st = self.state.borrow_mut();
-            st.scratch.tally.add(Counter::UpstreamErrors);
-            st.maybe_flush(nanos / 1_000_000);
+        match &self.phase {
+            // Forwarded but no response headers ever came: the upstream never answered.
+            Phase::Forwarded { nanos, pending } => {
+                let mut st = self.state.borrow_mut();
+                st.scratch.tally.add(Counter::UpstreamErrors);
+                if let Some(f) = pending.in_flight {
+                    st.scratch.load.finished(f);
+                }
+                st.maybe_flush(nanos / 1_000_000);
+            }
+            // The request no longer counts in its node's load.
+            Phase::Done(Some(f)) => self.state.borrow_mut().scratch.load.finished(*f),
+            _ => {}
         }
     }
 }

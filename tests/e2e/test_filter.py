@@ -244,6 +244,10 @@ def test_invalid_configuration_stops_envoy_naming_the_field(tmp_path):
         (lambda p: p["upstream"]["hosts"][0].update(weight=0), "upstream.hosts[0].weight: must be at least 1"),
         (lambda p: p["token"].update(keys=[]), "token.keys: must list at least one key"),
         (lambda p: p.update(mode="sticky"), "mode: unknown variant `sticky`"),
+        # static_plugin has no ticket: placement needs one (and pinned mode).
+        (lambda p: p.update(placement={"balance_factor": 150}), "placement: needs `mode: \"pinned\"` and a `ticket`"),
+        (lambda p: p.update(placement={"balance_factor": 99}, ticket={"secret_base64": harness.TICKET_KEY_B64}),
+         "placement.balance_factor: must be 101-1000"),
         (lambda p: p["token"]["keys"][0].update(secret_env="NOT_SET", secret_base64=None) or p["token"]["keys"][0].pop("secret_base64"),
          "token.keys[0].secret_env: environment variable NOT_SET is not set"),
     ]

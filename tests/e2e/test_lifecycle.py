@@ -78,6 +78,9 @@ class Nodes:
     def envoy(self, name: str = "envoy", plugin_update: dict | None = None, mutate=None) -> harness.Envoy:
         cfg = harness.harness_config(listen=harness.free_port(), admin=harness.free_port(), eds_path=self.eds,
                                      hosts=self.hosts(), plugin_update=plugin_update)
+        # These tests check the ranking and pinning of DESIGN sections 2-5 exactly, under
+        # concurrent traffic: placement under load (section 10, test_placement.py) off.
+        harness.without_placement(cfg)
         if mutate:
             mutate(cfg)
         e = self.stack.envoy(cfg, name=name)

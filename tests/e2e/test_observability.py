@@ -1,13 +1,16 @@
 """Observability end to end: after known traffic through the whole harness (Redis
 Cluster, Envoy with the reference config and its `stats_tags`, three chat nodes), the
 labelled series in Envoy's `/stats/prometheus` have the expected values, and every
-series and label that the Prometheus recording rules and the Grafana dashboard read is
-one that Envoy really exports."""
+series and label that the Prometheus recording and alerting rules and the Grafana
+dashboard read is one that Envoy really exports. The rules themselves are checked and
+unit-tested with Prometheus's own `promtool` (Debian's prometheus package)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import time
 
 import yaml
@@ -140,12 +143,21 @@ def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]], list[str
 def check_rules_read_only_exported_series(series) -> None:
     doc = yaml.safe_load(RULES.read_text())
     recorded: set[str] = set()
-    names = [r["record"] for g in doc["groups"] for r in g["rules"]]
+    names = [r.get("record") for g in doc["groups"] for r in g["rules"]]
     for want in ("session_affinity:sticky_rate:ratio_rate5m", "session_affinity:node_concentration:ratio_rate5m",
-                 "session_affinity:error_reconnection_rate:ratio_rate5m"):
+                 "session_affinity:error_reconnection_rate:ratio_rate5m",
+                 "session_affinity:placement_spilled:rate5m", "session_affinity:placement_bounded:ratio_rate5m",
+                 "session_affinity:node_load:sum"):
         assert want in names, f"{RULES.name} has no rule recording {want}"
+    alerts = {r["alert"] for g in doc["groups"] for r in g["rules"] if "alert" in r}
+    assert {"SessionAffinityNodesSaturated", "SessionAffinityPlacementBounded", "SessionAffinityLoadSkew"} <= alerts
     for group in doc["groups"]:
         for rule in group["rules"]:
+            if "alert" in rule:
+                assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+                for name, _, _ in selectors(rule["expr"]):
+                    assert name in recorded or name in series, f"alert {rule['alert']} reads unknown {name}"
+                continue
             assert set(rule) <= {"record", "expr", "labels"}, rule
             found = selectors(rule["expr"])
             assert found, rule
@@ -170,12 +182,23 @@ def check_rules_read_only_exported_series(series) -> None:
 
 def check_dashboard(series) -> None:
     dash = json.loads(DASHBOARD.read_text())
-    recorded = {r["record"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    recorded = {r["record"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "record" in r}
     shown = set()
     for panel in dash["panels"]:
         for target in panel.get("targets", []):
             for name, _, _ in selectors(target["expr"]):
                 assert name in recorded or name in series, f"panel {panel['title']!r} reads unknown {name}"
                 shown.add(name)
-    for figure in ("sticky_rate", "node_concentration", "error_reconnection_rate"):
+    for figure in ("sticky_rate", "node_concentration", "error_reconnection_rate", "placement_bounded"):
         assert f"session_affinity:{figure}:ratio_rate5m" in shown, f"the dashboard does not show {figure}"
+    for series_name in ("session_affinity:placement_spilled:rate5m", "session_affinity:node_load:sum"):
+        assert series_name in shown, f"the dashboard does not show {series_name}"
+
+
+def test_promtool_checks_and_unit_tests_the_rules():
+    promtool = shutil.which("promtool")
+    assert promtool, ("promtool not found: run `make promtool` (or `make test`), which installs Debian's "
+                      "prometheus package, or `apt-get install -y prometheus`")
+    for args in (["check", "rules", RULES.name], ["test", "rules", "prometheus-rules.test.yaml"]):
+        out = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=120, cwd=RULES.parent)
+        assert out.returncode == 0, out.stdout + out.stderr

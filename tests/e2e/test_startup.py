@@ -137,8 +137,8 @@ def held_figures(envoy: harness.Envoy, since: int = 0) -> tuple[int, int]:
 
 
 def check_routed(replies: list[Reply], addresses: list[str]) -> int:
-    """Every reply is 200 and was routed as the independent ranking says, with the
-    session headers an unheld request gets. The ranking is over the set the VM had: all
+    """Every reply is 200 and was routed as the independent ranking and placement allow,
+    with the session headers an unheld request gets. The ranking is over the set the VM had: all
     of `addresses`, or, if some node had not passed Envoy's health check yet, the ones
     listed (hosts pass their checks one at a time; rendezvous ranking over a subset is the
     full ranking without the others). Returns how many replies saw a partial set."""
@@ -157,7 +157,10 @@ def check_routed(replies: list[Reply], addresses: list[str]) -> int:
         full = harness.rank(sid, [(a, 1) for a in addresses])
         if len(listed) < min(3, len(addresses)):
             partial += 1
-        assert listed == [a for a in full if a in listed][:3], (sid, listed, full)
+        # The reference config places under load (DESIGN section 10): the chosen node may
+        # sit further down the ranking; its fallbacks are the ranking's next nodes.
+        assert listed[0] in full, (sid, listed, full)
+        assert listed[1:] == [a for a in full if a in listed and a != listed[0]][: len(listed) - 1], (sid, listed, full)
         assert seen["address"] == listed[0], (sid, seen["address"], listed)
         assert h["x-session-id"] == [sid]
         assert h["x-session-affinity"] == ["new"]
@@ -267,9 +270,12 @@ def test_a_configuration_update_under_load_refuses_nothing(stack):
         seen = r.seen()
         sid = r.sid or harness.decode_jwt_payload(r.response.cookies()["session_token"])["sid"]
         ranking = harness.rank(sid, [(a, 1) for a in addresses])
-        override = seen["headers"]["x-gateway-destination-endpoint"][0]
-        assert override in (",".join(ranking[:3]), ",".join(ranking[:2])), (sid, override)
-        assert seen["address"] == ranking[0]
+        listed = seen["headers"]["x-gateway-destination-endpoint"][0].split(",")
+        # The chosen node (placement may pick one further down the ranking under load),
+        # then the ranking's next nodes: two or three entries, old or new configuration.
+        assert len(listed) in (2, 3) and listed[0] in ranking, (sid, listed)
+        assert listed[1:] == [a for a in ranking if a != listed[0]][: len(listed) - 1], (sid, listed, ranking)
+        assert seen["address"] == listed[0]
 
 
 def test_with_no_healthy_node_requests_get_503_once_the_wait_has_passed(stack):

@@ -26,7 +26,7 @@ from .client import Response, request
 from .envoy import (STAT_PREFIX, UNHEALTHY_FLAGS, Envoy, absolute_wasm_paths, access_log_lines, add_access_log, cluster,
                     dump_yaml, endpoints,
                     filter_json, harness_config, host_address, host_is_healthy, http_filters, load_yaml, parse_stats,
-                    reference_config, set_filter_json, static_plugin, wasm_failures, wasm_filter, write_eds)
+                    reference_config, set_filter_json, static_plugin, wasm_failures, wasm_filter, without_placement, write_eds)
 from .figures import figures, per_node, percentile, percentiles
 from .independent import (b64url, decode_jwt_payload, fmix64, h64, metric_label, node_id, rank, session_token,
                           sign_jwt, verify_jwt)
@@ -64,6 +64,7 @@ __all__ = [
     "static_plugin",
     "wasm_failures",
     "wasm_filter",
+    "without_placement",
     "write_eds",
     "figures",
     "per_node",

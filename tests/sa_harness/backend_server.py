@@ -7,8 +7,9 @@ which headers it saw, so a test can check routing and header stripping.
 Run it as its own process: a test kills the process to simulate a dead node.
 
 For placement tests:
-- a request header `x-test-delay-ms: N` delays the answer by N ms (load that stays in
-  flight);
+- a request header `x-test-delay-ms: N` delays the answer by N ms, and
+  `x-test-hold-file: PATH` holds it while PATH exists (load that stays in flight until
+  the test lets it go);
 - with --load-file, a request that asks `endpoint-load-metrics-format: TEXT` gets an ORCA
   load report: when the file holds a number v, `endpoint-load-metrics: TEXT
   named_metrics.kv_cache_usage_perc=v, named_metrics.num_requests_waiting=0`; when it
@@ -67,6 +68,12 @@ def main() -> None:
             delay = self.headers.get("x-test-delay-ms")
             if delay and delay.isdigit():
                 time.sleep(int(delay) / 1000)
+            # A gate: hold the answer while this file exists (at most two minutes).
+            hold = self.headers.get("x-test-hold-file")
+            if hold:
+                deadline = time.monotonic() + 120
+                while os.path.exists(hold) and time.monotonic() < deadline:
+                    time.sleep(0.01)
             seen = {}
             for name, value in self.headers.raw_items():
                 # http.server decodes header bytes as latin-1; undo that to report UTF-8.

@@ -396,6 +396,16 @@ def harness_config(
     return cfg
 
 
+def without_placement(cfg: dict) -> dict:
+    """Takes `placement` out of the filter configuration of `cfg` (in place; returns it):
+    the filter then places every session by its ranking alone (DESIGN sections 2-5), so a
+    test can assert exact rendezvous placement whatever the loads."""
+    plugin = filter_json(cfg)
+    plugin.pop("placement", None)
+    set_filter_json(cfg, plugin)
+    return cfg
+
+
 def write_eds(path: Path, hosts: list[tuple[str, int, int]], cluster_name: str = "chat_nodes",
               health: dict[str, str] | None = None) -> None:
     """Atomically rewrites a file-based EDS resource (Envoy watches the path with inotify

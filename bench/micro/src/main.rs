@@ -60,7 +60,7 @@ fn specs(n: usize) -> Vec<HostSpec> {
     (0..n)
         .map(|i| {
             let a = format!("10.{}.{}.1:8080", i / 250, i % 250);
-            HostSpec { address: a.clone(), key: a, weight: 1 }
+            HostSpec { address: a.clone(), key: a, weight: 1, draining: false }
         })
         .collect()
 }
@@ -403,7 +403,7 @@ fn dist(args: &[String]) -> Result<Value, String> {
 }
 
 fn specs_of(addrs: &[String]) -> Vec<HostSpec> {
-    addrs.iter().map(|a| HostSpec { address: a.clone(), key: a.clone(), weight: 1 }).collect()
+    addrs.iter().map(|a| HostSpec { address: a.clone(), key: a.clone(), weight: 1, draining: false }).collect()
 }
 
 fn host_set(addrs: &[String]) -> Result<HostSet, String> {

@@ -10,6 +10,9 @@ their HTTP filters and the upstream cluster's load-balancing policy:
          it sets, nothing else; same override_host cluster as C
     C    session-affinity, 3 static hosts + override_host policy
     C1k  session-affinity, 1000 static hosts + override_host policy
+    Cp   C with `placement` on as in the reference config (balance_factor 150, saturation
+         with spill: every request asks for a load report and the response is searched
+         for one, drain)
     D    jwt_authn (HS256, local JWKS, forward) + hash_policy on the session token
          header + RING_HASH over 3 hosts (hashing the token itself is the cheapest
          composite; copying the sid claim to a header first would cost D more)
@@ -50,7 +53,11 @@ def _listener(name: str, address: str, port: int, routes: list, http_filters: li
         "@type": HCM,
         "stat_prefix": name,
         "codec_type": "AUTO",
-        "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
+        # Every arm's virtual host adds `x-envoy-attempt-count` to responses, as the
+        # reference envoy.yaml does (session-affinity reads it instead of asking for
+        # `upstream.address` when the first attempt served): the same work for all arms.
+        "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes,
+                                                          "include_attempt_count_in_response": True}]},
         "http_filters": http_filters + [ROUTER],
     }
     if access_log:
@@ -166,8 +173,12 @@ def arm(kind: str, *, listen: int, admin: int, hosts: list[str], noop_wasm: str,
     elif kind == "B8":
         filters = [wasm("noop", noop_wasm, hostcalls)]
         up = cluster("upstream", hosts, override_header="x-gateway-destination-endpoint")
-    elif kind in ("C", "C1k"):
+    elif kind in ("C", "C1k", "Cp"):
         plugin = session_affinity_plugin(hosts, token_key_b64, ticket_key_b64)
+        if kind == "Cp":
+            plugin["placement"] = {"balance_factor": 150, "drain": True,
+                                   "saturation": {"metric": "kv_cache_usage_perc", "threshold": 0.9,
+                                                  "stale_ms": 5000, "spill": True}}
         filters = [wasm("session_affinity", sa_wasm, json.dumps(plugin), fail_reload=True)]
         up = cluster("upstream", hosts, override_header="x-gateway-destination-endpoint")
     elif kind == "D":

@@ -52,7 +52,7 @@ MICRO_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bench-micro.wasm"
 # The arms of the per-request benchmark, in the order they alternate. B8 and Cm are for
 # the analysis: B plus exactly session-affinity's host calls; C with 4096 sessions in
 # turn (more than the filter's per-VM memo of checked tokens holds).
-ARMS = ["A", "B", "C", "C1k", "D", "E", "B8", "Cm"]
+ARMS = ["A", "B", "C", "C1k", "D", "E", "B8", "Cm", "Cp"]
 CM_SESSIONS = 4096
 # Calls per request in the host-call cost arms.
 REPEAT = 16
@@ -250,7 +250,7 @@ class Bench:
                 raise SystemExit(f"arm {kind}: {what}; got {r.status} {r.headers}\n{self.arms[kind].log_tail()}")
 
         tickets = {}
-        for kind in ("C", "C1k"):
+        for kind in ("C", "C1k", "Cp"):
             if kind not in self.arms:
                 continue
             hosts = self.arm_hosts(kind)
@@ -272,7 +272,7 @@ class Bench:
             checks["Cm"] = self.prepare_cm(base["x-session-host"])
         ticket = tickets.get("C", "")
         for kind in self.arms:
-            t = tickets.get("C1k", "") if kind == "C1k" else ticket
+            t = tickets.get(kind, "") if kind in ("C1k", "Cp") else ticket
             self.headers[kind] = [("x-session-token", token), ("x-session-ticket", t),
                                   ("x-session-host", base["x-session-host"])]
         hdrs = dict(self.headers.get("A", []))
@@ -417,7 +417,8 @@ end
                    "requests": sum(r["requests"] for r in v)} for k, v in runs.items()}
         ratios = {}
         for num, den in (("C", "A"), ("C", "B"), ("C", "D"), ("C", "E"), ("C1k", "C"), ("B", "A"), ("D", "A"),
-                         ("E", "A"), ("B8", "B"), ("C", "B8"), ("Cm", "B"), ("Cm", "C")):
+                         ("E", "A"), ("B8", "B"), ("C", "B8"), ("Cm", "B"), ("Cm", "C"), ("Cp", "C"), ("Cp", "B"),
+                         ("Cp", "D")):
             if num in runs and den in runs:
                 # Per-run ratios: each pair ran back to back, so drift cancels.
                 ratios[f"{num}/{den}"] = summary([a["rps"] / b["rps"] for a, b in zip(runs[num], runs[den])])

@@ -10,8 +10,9 @@ their HTTP filters and the upstream cluster's load-balancing policy:
          it sets, nothing else; same override_host cluster as C
     C    session-affinity, 3 static hosts + override_host policy
     C1k  session-affinity, 1000 static hosts + override_host policy
-    Cp   C with `placement` on (bounded placement, saturation from the backend's ORCA
-         load report, spill): the placement-on arm beside C (issue 11, item 8)
+    Cp   C with `placement` on as in the reference config (balance_factor 150, saturation
+         with spill: every request asks for a load report and the response is searched
+         for one, drain)
     D    jwt_authn (HS256, local JWKS, forward) + hash_policy on the session token
          header + RING_HASH over 3 hosts (hashing the token itself is the cheapest
          composite; copying the sid claim to a header first would cost D more)
@@ -40,18 +41,7 @@ ECHO = {
     "x-echo-session-id": "%REQ(x-session-id)%",
     "x-echo-affinity": "%REQ(x-session-affinity)%",
     "x-echo-override": "%REQ(x-gateway-destination-endpoint)%",
-    "x-echo-load-format": "%REQ(endpoint-load-metrics-format)%",
 }
-
-# What Cp's backend answers to a request asking for a load report: a chat node's (and
-# vLLM's) ORCA TEXT report of an idle node, so the filter parses one on every response.
-LOAD_REPORT = "TEXT named_metrics.kv_cache_usage_perc=0.25, named_metrics.num_requests_waiting=0.0"
-
-# Arm Cp's `placement` (DESIGN section 10): every rule on. The saturation threshold is
-# never reached (the backend reports an idle node): Cp measures the rules' cost.
-PLACEMENT = {"balance_factor": 150,
-             "saturation": {"metric": "num_requests_waiting", "threshold": 8, "stale_ms": 2000, "spill": True},
-             "drain": True}
 
 
 def _admin(port: int) -> dict:
@@ -63,7 +53,11 @@ def _listener(name: str, address: str, port: int, routes: list, http_filters: li
         "@type": HCM,
         "stat_prefix": name,
         "codec_type": "AUTO",
-        "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
+        # Every arm's virtual host adds `x-envoy-attempt-count` to responses, as the
+        # reference envoy.yaml does (session-affinity reads it instead of asking for
+        # `upstream.address` when the first attempt served): the same work for all arms.
+        "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes,
+                                                          "include_attempt_count_in_response": True}]},
         "http_filters": http_filters + [ROUTER],
     }
     if access_log:
@@ -78,17 +72,9 @@ def _listener(name: str, address: str, port: int, routes: list, http_filters: li
 def backend(port: int, admin: int) -> dict:
     """The fast local backend: a bare 200 on `/`, the same plus echoes on `/verify`."""
     echo = [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} for k, v in ECHO.items()]
-    report = [{"header": {"key": "endpoint-load-metrics", "value": LOAD_REPORT},
-               "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
-    asks = [{"name": "endpoint-load-metrics-format", "present_match": True}]
     routes = [
-        {"match": {"prefix": "/verify", "headers": asks}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
-         "response_headers_to_add": echo + report},
         {"match": {"prefix": "/verify"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
          "response_headers_to_add": echo},
-        # A request asking for a load report (arm Cp) gets one; the others never ask.
-        {"match": {"prefix": "/", "headers": asks}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
-         "response_headers_to_add": report},
         {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}},
     ]
     return {
@@ -190,7 +176,9 @@ def arm(kind: str, *, listen: int, admin: int, hosts: list[str], noop_wasm: str,
     elif kind in ("C", "C1k", "Cp"):
         plugin = session_affinity_plugin(hosts, token_key_b64, ticket_key_b64)
         if kind == "Cp":
-            plugin["placement"] = PLACEMENT
+            plugin["placement"] = {"balance_factor": 150, "drain": True,
+                                   "saturation": {"metric": "kv_cache_usage_perc", "threshold": 0.9,
+                                                  "stale_ms": 5000, "spill": True}}
         filters = [wasm("session_affinity", sa_wasm, json.dumps(plugin), fail_reload=True)]
         up = cluster("upstream", hosts, override_header="x-gateway-destination-endpoint")
     elif kind == "D":

@@ -530,6 +530,36 @@ pub fn observe_load(cfg: &Config, served: Option<u64>, report: Option<&[u8]>, no
     }
 }
 
+/// What the response phase reads from the response head, in one pass over the response
+/// header map (one host call instead of one per header).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResponseHead<'a> {
+    /// `:status`.
+    pub status: Option<u32>,
+    /// Envoy's `x-envoy-attempt-count` (route `include_attempt_count_in_response`) is `1`:
+    /// the first attempt answered, so the first entry of the override header served it
+    /// (Envoy's `override_host` sends the first attempt there) and the served node needs no
+    /// `upstream.address` lookup.
+    pub first_attempt: bool,
+    /// The ORCA `endpoint-load-metrics` report, if any.
+    pub load_report: Option<&'a [u8]>,
+}
+
+/// Reads a [`ResponseHead`] from the response headers.
+pub fn response_head<'a>(headers: &[Header<'a>]) -> ResponseHead<'a> {
+    let mut head = ResponseHead::default();
+    for (name, value) in headers {
+        if *name == b":status" {
+            head.status = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
+        } else if name.eq_ignore_ascii_case(b"x-envoy-attempt-count") {
+            head.first_attempt = *value == b"1";
+        } else if name.eq_ignore_ascii_case(orca::REPORT_HEADER.as_bytes()) && head.load_report.is_none() {
+            head.load_report = Some(value);
+        }
+    }
+    head
+}
+
 /// The node (`h64` of its host key) that answered a forwarded request, by the served
 /// address: the primary's without a lookup when it served.
 pub fn served_node(pending: &Pending, served: Served<'_>, hosts: &HostSet) -> Option<u64> {

@@ -769,3 +769,28 @@ fn a_new_configuration_starts_an_empty_memo() {
     let d = run(&other, &set, &[("x-session-token", &tok)], &mut scratch);
     assert!(matches!(d.verdict, Verdict::Reply(ref r) if r.body.contains("unknown_key")));
 }
+
+#[test]
+fn the_response_head_is_read_in_one_pass() {
+    use session_affinity::decision::{response_head, ResponseHead};
+    let h = |pairs: &[(&'static str, &'static str)]| -> Vec<Header<'static>> {
+        pairs.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())).collect()
+    };
+    let report = "TEXT named_metrics.kv_cache_usage_perc=0.5";
+    for (pairs, want) in [
+        (h(&[(":status", "200"), ("x-envoy-attempt-count", "1")]), (Some(200), true, None)),
+        (h(&[(":status", "503"), ("X-Envoy-Attempt-Count", "2")]), (Some(503), false, None)),
+        // Without the header (the route does not include the attempt count), or with a
+        // value that is not exactly 1, the served address is looked up.
+        (h(&[(":status", "200")]), (Some(200), false, None)),
+        (h(&[(":status", "200"), ("x-envoy-attempt-count", " 1")]), (Some(200), false, None)),
+        (
+            h(&[(":status", "2x0"), ("endpoint-load-metrics", report), ("endpoint-load-metrics", "TEXT a=1")]),
+            (None, false, Some(report.as_bytes())),
+        ),
+        (vec![], (None, false, None)),
+    ] {
+        let ResponseHead { status, first_attempt, load_report } = response_head(&pairs);
+        assert_eq!((status, first_attempt, load_report), want, "{pairs:?}");
+    }
+}

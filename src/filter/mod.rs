@@ -74,7 +74,17 @@ struct State {
     resumed: HashMap<u32, Phase>,
     /// This VM has handled a request (a worker's VM).
     routes: bool,
+    /// Host time (ns) read at the last tick, and the tick period (ms, 0: no tick). While
+    /// the tick runs at least every [`CLOCK_TICK_MS`], requests read this instead of the
+    /// host clock (one host call fewer): time is then at most a tick stale, which token
+    /// expiry (seconds, with leeway), tickets (seconds) and load reports (`stale_ms`)
+    /// tolerate.
+    tick_nanos: Option<u64>,
+    tick_ms: u64,
 }
+
+/// Requests use the tick's clock while ticks come at least this often.
+const CLOCK_TICK_MS: u64 = 1000;
 
 impl State {
     fn new() -> State {
@@ -87,6 +97,8 @@ impl State {
             last_flush_ms: 0,
             resumed: HashMap::new(),
             routes: false,
+            tick_nanos: None,
+            tick_ms: 0,
         }
     }
 
@@ -149,6 +161,24 @@ impl State {
 
 fn now_nanos() -> u64 {
     raw::now_nanos().unwrap_or(0)
+}
+
+/// The time a request is decided at: the last tick's clock while ticks are frequent
+/// (see [`State::tick_nanos`]), else the host clock.
+fn request_nanos(state: &RefCell<State>) -> u64 {
+    let st = state.borrow();
+    match st.tick_nanos {
+        Some(t) if st.tick_ms > 0 && st.tick_ms <= CLOCK_TICK_MS => t,
+        _ => now_nanos(),
+    }
+}
+
+/// Sets the root context's tick period and remembers it (for [`request_nanos`]).
+fn set_tick(state: &RefCell<State>, ms: u64) {
+    let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(ms));
+    let mut st = state.borrow_mut();
+    st.tick_ms = ms;
+    st.tick_nanos = Some(now_nanos());
 }
 
 /// Sends a local reply of the core.
@@ -253,9 +283,7 @@ impl Root {
                         )),
                     }
                 }
-                Effect::Tick(ms) => {
-                    let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(ms));
-                }
+                Effect::Tick(ms) => set_tick(&self.state, ms),
                 Effect::Install(set) => {
                     let draining = set.hosts().iter().filter(|h| h.draining).count();
                     if draining > 0 {
@@ -383,7 +411,9 @@ impl RootContext for Root {
                 let released = st.startup.restart(now_ms, 0);
                 st.install(Rc::new(set));
                 if flush > 0 {
-                    let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(u64::from(flush)));
+                    drop(st);
+                    set_tick(&self.state, u64::from(flush));
+                    st = self.state.borrow_mut();
                 }
                 (Vec::new(), released)
             }
@@ -410,7 +440,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        let now_ms = now_nanos() / 1_000_000;
+        let nanos = now_nanos();
+        self.state.borrow_mut().tick_nanos = Some(nanos);
+        let now_ms = nanos / 1_000_000;
         self.state.borrow_mut().flush(now_ms);
         if let Some((poller, _, _)) = self.discovery.as_mut() {
             let fx = poller.on_tick(now_ms);
@@ -490,7 +522,7 @@ impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         #[cfg(feature = "test-trap")]
         test_trap(MapType::HttpRequestHeaders, b"request");
-        let nanos = now_nanos();
+        let nanos = request_nanos(&self.state);
         {
             let mut st = self.state.borrow_mut();
             if st.startup.on_request(self.id, nanos / 1_000_000) == Admit::Hold {
@@ -514,26 +546,38 @@ impl HttpContext for Stream {
             return Action::Continue;
         };
         self.phase = Phase::Done(pending.in_flight);
-        let address = raw::property(UPSTREAM_ADDRESS);
-        let address = address.as_deref().and_then(|a| std::str::from_utf8(a).ok());
-        let status = raw::header(MapType::HttpResponseHeaders, ":status")
-            .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u32>().ok()));
+        // One read of the response head: its status, whether the first attempt answered
+        // (then the primary served, and `upstream.address` is not asked), the load report.
+        let map = raw::header_map(MapType::HttpResponseHeaders);
+        let parsed = map.as_deref().and_then(headers::parse_map).unwrap_or_default();
+        let head = decision::response_head(&parsed);
+        let looked_up;
+        let address = match (&pending.primary, head.first_attempt) {
+            (Some(primary), true) => Some(primary.as_str()),
+            _ => {
+                looked_up = raw::property(UPSTREAM_ADDRESS);
+                looked_up.as_deref().and_then(|a| std::str::from_utf8(a).ok())
+            }
+        };
+        let (cfg, hosts) = {
+            let st = self.state.borrow();
+            (st.config.clone(), st.hosts.clone())
+        };
+        let Some(cfg) = cfg else { return Action::Continue };
+        // Saturation: the node's own load report, recorded at the time it came.
+        let saturation = cfg.placement.as_ref().is_some_and(|p| p.saturation.is_some());
+        let now_ms = if saturation { request_nanos(&self.state) / 1_000_000 } else { 0 };
         let mut st = self.state.borrow_mut();
-        let Some(cfg) = st.config.clone() else { return Action::Continue };
-        let hosts = st.hosts.clone();
-        let served = Served { address, status };
+        let served = Served { address, status: head.status };
         let add =
             decision::respond(&cfg, &pending, served, &hosts, (nanos / 1_000_000_000) as i64, &mut st.scratch.tally);
-        // Saturation: the node's own load report (only then is the header read).
-        let saturation = cfg.placement.as_ref().is_some_and(|p| p.saturation.is_some());
         if saturation {
-            let report = raw::header(MapType::HttpResponseHeaders, orca::REPORT_HEADER);
             let node = decision::served_node(&pending, served, &hosts);
-            decision::observe_load(&cfg, node, report.as_deref(), now_nanos() / 1_000_000, &mut st.scratch.load);
+            decision::observe_load(&cfg, node, head.load_report, now_ms, &mut st.scratch.load);
         }
         st.maybe_flush(nanos / 1_000_000);
         drop(st);
-        if saturation && pending.strip_load_report {
+        if saturation && pending.strip_load_report && head.load_report.is_some() {
             raw::remove_header(MapType::HttpResponseHeaders, orca::REPORT_HEADER);
         }
         for (name, value) in &add {

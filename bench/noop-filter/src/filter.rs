@@ -76,9 +76,9 @@ impl HttpContext for Stream {
                 }
             }
             Variant::HostCalls { override_value, session } => {
+                // session-affinity reads the clock on its ticks, not per request.
                 let map = header_map(MapType::HttpRequestHeaders);
-                let now = now_nanos();
-                std::hint::black_box((map, now));
+                std::hint::black_box(map);
                 set_header(MapType::HttpRequestHeaders, "x-gateway-destination-endpoint", override_value.as_bytes());
                 set_header(MapType::HttpRequestHeaders, "x-session-id", session.as_bytes());
                 set_header(MapType::HttpRequestHeaders, "x-session-affinity", b"sticky");
@@ -90,9 +90,9 @@ impl HttpContext for Stream {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         match &*self.variant {
             Variant::HostCalls { .. } => {
-                let a = property(b"upstream\0address").map_or(0, |v| v.len());
-                let s = header(MapType::HttpResponseHeaders, ":status").map_or(0, |v| v.len());
-                let _ = std::hint::black_box((a, s));
+                // One read of the response head (status, attempt count); the served
+                // address only when a retry answered (never in this benchmark).
+                let _ = std::hint::black_box(header_map(MapType::HttpResponseHeaders));
             }
             Variant::Repeat { call: Call::Property, n } => {
                 for _ in 0..*n {

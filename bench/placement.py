@@ -660,7 +660,7 @@ def main() -> int:
     results["wall_seconds"] = round(time.monotonic() - started, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "placement.json").write_text(json.dumps(report.compact(results), indent=1) + "\n")
+    (out / "placement.json").write_text(report.dumps(report.compact(results)))
     (out / "PLACEMENT.md").write_text(report.markdown(results))
     (out / "placement.svg").write_text(report.chart(results))
     print(report.table(results))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -215,6 +216,13 @@ def compact(results: dict) -> dict:
         out["arms"][k]["lost"] = r["lost"][:20]
         out["arms"][k]["summary"] = s
     return out
+
+
+def dumps(res: dict) -> str:
+    """placement.json: indented, with arrays of numbers on one line each (the timelines)."""
+    text = json.dumps(res, indent=1, ensure_ascii=False)
+    return re.sub(r"\[\s+([-\w.,\s]+?)\s+\]", lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]",
+                  text) + "\n"
 
 
 # --------------------------------------------------------------------------------------
@@ -755,6 +763,7 @@ def main() -> None:
     res = json.loads(path.read_text())
     (path.parent / "PLACEMENT.md").write_text(markdown(res))
     (path.parent / "placement.svg").write_text(chart(res))
+    path.write_text(dumps(res))
     print(table(res))
 
 

@@ -8,6 +8,8 @@
 #   make fuzz    cargo fuzz, each target FUZZ_SECONDS (default 60): scripts/fuzz.sh
 #   make fuzz-build  build every fuzz target (CI checks they compile)
 #   make soak    steady load under faults, ~5 min (SOAK_ARGS="--minutes 2") -> bench/SOAK.md, bench/soak.json
+#   make bench-placement  placement under load, ~15 min (PLACEMENT_ARGS=--quick) -> bench/PLACEMENT.md,
+#                bench/placement.json, bench/placement.svg (not part of test)
 #   make compose-test    the docker-compose harness for real, with faults (installs Docker if missing)
 #   make compose-images  local stand-ins for the registry images, on machines without a registry
 
@@ -31,8 +33,8 @@ PYTEST_ARGS ?=
 FILTER_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 CHAT_SRC := $(shell find chat-node/src -name '*.rs') chat-node/Cargo.toml Cargo.lock
 
-.PHONY: build trap-wasm test unit e2e lint fmt run demo bench fuzz fuzz-build soak clean deps wasm-target wasm-opt venv \
-  redis promtool chat-node docker-tools compose-images compose-test
+.PHONY: build trap-wasm test unit e2e lint fmt run demo bench bench-placement fuzz fuzz-build soak clean deps wasm-target \
+  wasm-opt venv redis promtool chat-node docker-tools compose-images compose-test
 
 ## Toolchain and tools -----------------------------------------------------------------
 
@@ -128,6 +130,11 @@ demo: deps $(WASM) $(CHAT_NODE)
 BENCH_ARGS ?=
 bench: deps $(WASM)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Placement under load through the whole harness: bench/placement.py (docs/benchmarks.md).
+PLACEMENT_ARGS ?=
+bench-placement: deps $(WASM) $(CHAT_NODE)
+	$(PY) bench/placement.py $(PLACEMENT_ARGS)
 
 FUZZ_SECONDS ?= 60
 fuzz:

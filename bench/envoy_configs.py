@@ -41,7 +41,13 @@ ECHO = {
     "x-echo-session-id": "%REQ(x-session-id)%",
     "x-echo-affinity": "%REQ(x-session-affinity)%",
     "x-echo-override": "%REQ(x-gateway-destination-endpoint)%",
+    "x-echo-load-format": "%REQ(endpoint-load-metrics-format)%",
 }
+
+# The backend's answer to a request that asks for a load report (arm Cp): an idle node's
+# ORCA TEXT report, as a chat node or vLLM sends with every response, so Cp pays for
+# reading and parsing one on every request. Requests that do not ask get none.
+LOAD_REPORT = "TEXT named_metrics.kv_cache_usage_perc=0.25, named_metrics.num_requests_waiting=0.0"
 
 
 def _admin(port: int) -> dict:
@@ -72,10 +78,16 @@ def _listener(name: str, address: str, port: int, routes: list, http_filters: li
 def backend(port: int, admin: int) -> dict:
     """The fast local backend: a bare 200 on `/`, the same plus echoes on `/verify`."""
     echo = [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} for k, v in ECHO.items()]
+    report = [{"header": {"key": "endpoint-load-metrics", "value": LOAD_REPORT},
+               "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    asks = [{"name": "endpoint-load-metrics-format", "present_match": True}]
+    ok = {"status": 200, "body": {"inline_string": "ok"}}
     routes = [
-        {"match": {"prefix": "/verify"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
-         "response_headers_to_add": echo},
-        {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}},
+        {"match": {"prefix": "/verify", "headers": asks}, "direct_response": ok,
+         "response_headers_to_add": echo + report},
+        {"match": {"prefix": "/verify"}, "direct_response": ok, "response_headers_to_add": echo},
+        {"match": {"prefix": "/", "headers": asks}, "direct_response": ok, "response_headers_to_add": report},
+        {"match": {"prefix": "/"}, "direct_response": ok},
     ]
     return {
         "admin": _admin(admin),

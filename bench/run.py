@@ -268,6 +268,13 @@ class Bench:
             expect(bad.status == 401, kind, "a forged token must be refused", bad)
             checks[kind] = (f"200 from {want[0]} (= independent rendezvous ranking of {len(hosts)} hosts), "
                             f"x-session-affinity sticky, override `{want[0]},...` ({len(want)} entries); forged token 401")
+            # Only placement asks the node for a load report (the backend then sends one).
+            asked = r.header("x-echo-load-format")
+            if kind == "Cp":
+                expect(asked == "TEXT", kind, "the filter must ask for a TEXT load report", r)
+                checks[kind] += "; asked for a TEXT load report, and the backend sent one"
+            else:
+                expect(not asked, kind, "without placement the filter must not ask for a load report", r)
         if "Cm" in self.arms:
             checks["Cm"] = self.prepare_cm(base["x-session-host"])
         ticket = tickets.get("C", "")

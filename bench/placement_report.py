@@ -578,9 +578,12 @@ def analysis(res: dict) -> list[str]:
         s = arms["cq"]
         sat = res["saturation"]["cq"]
         fast_peak = max((v["waiting_max"] for n, v in s["kv"].items() if n != slow), default=0)
+        ref = res.get("reference_placement")
+        shipped = (" This is the `placement` the reference `envoy/envoy.yaml` ships." if ref and ref == res["arms"]["cq"].get(
+            "placement") else "")
         out.append(
-            f"- **Saturation on `num_requests_waiting` ≥ {sat['threshold']:g}, `stale_ms` {sat['stale_ms']} (c')**, "
-            f"the other metric the nodes report (vLLM's too), follows the queue. {spill_facts(s)}. Sticky rate "
+            f"- **Saturation on `num_requests_waiting` ≥ {sat['threshold']:g}, `stale_ms` {sat['stale_ms']} (c')**.{shipped} It is "
+            f"the other metric the nodes report (vLLM's too), and follows the queue. {spill_facts(s)}. Sticky rate "
             f"{(s['sticky_filter'] or 0):.3f}, TTFT p99 {s['ttft_ms']['p99']:,.0f} ms. The fast nodes queue too, "
             f"for a moment, when several conversations send at once (their sampled `waiting` peaked at "
             f"{fast_peak}). Why `stale_ms` matters as much as the threshold: a node judged saturated takes no "

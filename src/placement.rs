@@ -88,9 +88,8 @@ pub fn place(ranking: &[usize], nodes: &[NodeView], balance_factor: Option<u32>)
         balance_factor.is_none_or(|c| u64::from(n.load) < bound(c, total_load, n.weight.max(1), total_weight))
     };
     let unsaturated = ranking.iter().copied().find(|&i| candidate(i) && fits(i) && !view(i).saturated);
-    let chosen = unsaturated
-        .or_else(|| ranking.iter().copied().find(|&i| candidate(i) && fits(i)))
-        .unwrap_or(first_candidate);
+    let chosen =
+        unsaturated.or_else(|| ranking.iter().copied().find(|&i| candidate(i) && fits(i))).unwrap_or(first_candidate);
     let saturated_skips = match unsaturated {
         Some(_) => {
             ranking.iter().take_while(|&&i| i != chosen).filter(|&&i| candidate(i) && view(i).saturated).count() as u32

@@ -64,12 +64,13 @@ ENGINE = dict(nodes=4, slots=8, prefill_us_per_token=200, decode_us_per_token=25
 
 SEED = 11
 
-# Saturation settings of arms c and cq (DESIGN section 10). Arm c is the `placement` of
-# the reference envoy/envoy.yaml (balance 150, kv_cache_usage_perc >= 0.9, stale 5 s,
-# spill, drain). Arm cq reads the queue instead: 4 turns waiting (half a batch of 8
-# slots), and a report counts for 1 s only: a node judged saturated gets no new requests,
-# hence no fresh report, so its verdict stands (and its sessions spill) until stale_ms
-# passes; PLACEMENT.md "Reading this run" has the measurements behind both numbers.
+# Saturation settings of arms c and cq (DESIGN section 10). Arm c reads
+# kv_cache_usage_perc >= 0.9 with stale_ms 5 s (DESIGN's example, meant for vLLM's
+# metric); arm cq (c') reads the queue, num_requests_waiting >= 4 (half a batch of 8
+# slots) with a report counting for 1 s: the `placement` the reference envoy/envoy.yaml
+# ships. A node judged saturated gets no new requests, hence no fresh report, so its
+# verdict stands (and its sessions spill) until stale_ms passes; PLACEMENT.md "Reading
+# this run" has the measurements behind both numbers.
 SAT_KV = {"metric": "kv_cache_usage_perc", "threshold": 0.9, "stale_ms": 5000, "spill": True}
 SAT_QUEUE = {"metric": "num_requests_waiting", "threshold": 4, "stale_ms": 1000, "spill": True}
 

@@ -578,19 +578,20 @@ def analysis(res: dict) -> list[str]:
         s = arms["cq"]
         sat = res["saturation"]["cq"]
         fast_peak = max((v["waiting_max"] for n, v in s["kv"].items() if n != slow), default=0)
+        ref = res.get("reference_placement")
+        shipped = (" This is the `placement` the reference `envoy/envoy.yaml` ships." if ref and ref == res["arms"]["cq"].get(
+            "placement") else "")
         out.append(
-            f"- **Saturation on `num_requests_waiting` ≥ {sat['threshold']:g}, `stale_ms` {sat['stale_ms']} (c')**, "
-            f"the other metric the nodes report (vLLM's too), follows the queue. {spill_facts(s)}. Sticky rate "
+            f"- **Saturation on `num_requests_waiting` ≥ {sat['threshold']:g}, `stale_ms` {sat['stale_ms']} (c')**.{shipped} It is "
+            f"the other metric the nodes report (vLLM's too), and follows the queue. {spill_facts(s)}. Sticky rate "
             f"{(s['sticky_filter'] or 0):.3f}, TTFT p99 {s['ttft_ms']['p99']:,.0f} ms. The fast nodes queue too, "
             f"for a moment, when several conversations send at once (their sampled `waiting` peaked at "
             f"{fast_peak}). Why `stale_ms` matters as much as the threshold: a node judged saturated takes no "
             f"new session and its pinned sessions spill, so it receives no new request and sends no new report; "
             f"its last report stands until `stale_ms` passes, and every pinned session of that node that sends a "
-            f"turn meanwhile moves. In development runs of this workload (same machine, one run each), threshold "
-            f"4 with the reference config's `stale_ms` 5000 spilled 200 sessions, most of them from the fast "
-            f"nodes (sticky rate 0.81); with `stale_ms` 1000, 33 (0.97); threshold 6 with 5000, 199 (0.81); "
-            f"threshold 8 with 5000, 0 (with 2000, 7): the slowed node's queue rarely reached 8 "
-            f"(`bench/placement.py --arms cq --queue-threshold T --queue-stale-ms MS` repeats them)."
+            f"turn meanwhile moves; a short `stale_ms` keeps those moves few (`bench/placement.py --arms cq "
+            f"--queue-threshold T --queue-stale-ms MS` measures other settings). Spills only go to a node that is "
+            f"not saturated and within the balance bound, so they cannot pile onto one node."
             + (f" Its TTFT tail is the slowed node's queue, which builds before the threshold is reached: the "
                f"{s['ttft_slow_node_ms']['n']} turns `{slow}` served after the slow-down had a TTFT p99 of "
                f"{s['ttft_slow_node_ms']['p99']:,.0f} ms; e, which picks the less busy of two nodes for every "

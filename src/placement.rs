@@ -8,19 +8,24 @@
 //!
 //! Rules, for a session that needs a node (new, or its ticket's node is not usable):
 //!
-//! 1. **Candidates**: the ranking without draining hosts (a draining host takes no new
-//!    session). If every host drains, the draining ones are candidates after all: a
-//!    session is better placed on a leaving node than refused.
-//! 2. **Saturation**: saturated candidates are passed over (each one ranked before the
-//!    chosen node counts a `saturated_skip`), unless every candidate is saturated: then
-//!    bounded placement alone decides among all of them.
-//! 3. **Bounded loads** (`balance_factor` c): over the remaining candidates, with L their
-//!    total load and W their total weight, the first node in ranking order whose
-//!    `load + 1 ≤ ⌈c/100 × (L + 1) × w / W⌉` (w its weight). If none qualifies, or
-//!    without `balance_factor`, the first remaining candidate.
+//! 1. **Candidates** (the usable nodes): the ranking without draining hosts (a draining
+//!    host takes no new session). If every host drains, the draining ones are candidates
+//!    after all: a session is better placed on a leaving node than refused.
+//! 2. **Bounded loads** (`balance_factor` c): with L the total load and W the total
+//!    weight of the candidates, a node *fits* when `load + 1 ≤ ⌈c/100 × (L + 1) × w / W⌉`
+//!    (w its weight). Without `balance_factor` every node fits.
+//! 3. **Saturation**: the first candidate in ranking order that fits and is not saturated
+//!    (each saturated candidate ranked before it counts a `saturated_skip`). If every
+//!    candidate that fits is saturated, bounded placement alone decides: the first one
+//!    that fits. If none fits (only possible with unequal weights), the ranking's first
+//!    candidate.
 //!
-//! A placement on the first candidate of the ranking is a `FirstChoice`; anything further
-//! down (because of load or saturation) is `Bounded`.
+//! The bound is over all candidates, saturated or not: a node that is not saturated
+//! but carries far more than its share never takes every session that needs a node (a
+//! node too slow to send fresh load reports would otherwise look unsaturated exactly
+//! because it is slow, and draw everything). A placement on the first candidate of the
+//! ranking is a `FirstChoice`; anything further down (because of load or saturation) is
+//! `Bounded`.
 
 /// What placement knows of one host of the set (indexed like the host set).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -70,43 +75,35 @@ pub fn place(ranking: &[usize], nodes: &[NodeView], balance_factor: Option<u32>)
     let view = |i: usize| nodes.get(i).copied().unwrap_or_default();
     let not_draining = ranking.iter().any(|&i| !view(i).draining);
     let candidate = |i: usize| !not_draining || !view(i).draining;
-    let unsaturated = ranking.iter().any(|&i| candidate(i) && !view(i).saturated);
-    // Saturation is in effect only while some candidate is not saturated.
-    let eligible = |i: usize| candidate(i) && (!unsaturated || !view(i).saturated);
-
     let first_candidate = ranking.iter().copied().find(|&i| candidate(i))?;
-    let chosen = match balance_factor {
-        None => ranking.iter().copied().find(|&i| eligible(i)),
-        Some(c) => {
-            let (mut total_load, mut total_weight) = (0u64, 0u64);
-            for &i in ranking.iter().filter(|&&i| eligible(i)) {
-                total_load += u64::from(view(i).load);
-                total_weight += u64::from(view(i).weight.max(1));
-            }
-            ranking
-                .iter()
-                .copied()
-                .filter(|&i| eligible(i))
-                .find(|&i| {
-                    // The contract's `load + 1 ≤ bound`.
-                    let n = view(i);
-                    u64::from(n.load) < bound(c, total_load, n.weight.max(1), total_weight)
-                })
-                .or_else(|| ranking.iter().copied().find(|&i| eligible(i)))
+
+    let (mut total_load, mut total_weight) = (0u64, 0u64);
+    for &i in ranking.iter().filter(|&&i| candidate(i)) {
+        total_load += u64::from(view(i).load);
+        total_weight += u64::from(view(i).weight.max(1));
+    }
+    // The contract's `load + 1 ≤ bound`.
+    let fits = |i: usize| {
+        let n = view(i);
+        balance_factor.is_none_or(|c| u64::from(n.load) < bound(c, total_load, n.weight.max(1), total_weight))
+    };
+    let unsaturated = ranking.iter().copied().find(|&i| candidate(i) && fits(i) && !view(i).saturated);
+    let chosen =
+        unsaturated.or_else(|| ranking.iter().copied().find(|&i| candidate(i) && fits(i))).unwrap_or(first_candidate);
+    let saturated_skips = match unsaturated {
+        Some(_) => {
+            ranking.iter().take_while(|&&i| i != chosen).filter(|&&i| candidate(i) && view(i).saturated).count() as u32
         }
-    }?;
-    let saturated_skips = if unsaturated {
-        ranking.iter().take_while(|&&i| i != chosen).filter(|&&i| candidate(i) && view(i).saturated).count() as u32
-    } else {
-        0
+        None => 0,
     };
     let placed = if chosen == first_candidate { Placed::FirstChoice } else { Placed::Bounded };
     Some(Choice { host: chosen, placed, saturated_skips })
 }
 
 /// Whether a pinned session leaves its node `pinned` because the node is saturated
-/// (`saturation.spill`): only when some other candidate is not saturated, so a session
-/// never moves when every node is saturated. Returns the placement to move to.
+/// (`saturation.spill`): only to a candidate that is not saturated and fits the balance
+/// bound, so a session never moves when every node is saturated, nor onto a node that
+/// already carries more than its share. Returns the placement to move to.
 pub fn spill(ranking: &[usize], nodes: &[NodeView], pinned: usize, balance_factor: Option<u32>) -> Option<Choice> {
     let view = |i: usize| nodes.get(i).copied().unwrap_or_default();
     if !view(pinned).saturated {
@@ -226,6 +223,25 @@ mod tests {
         // ⌈1.5 × 3 / 2⌉ = 3: node 1 (load 2) fits.
         let nodes = vec![sat(50), n(2), sat(50), n(0)];
         assert_eq!(place(&[0, 1, 3], &nodes, Some(150)).unwrap().host, 1);
+    }
+
+    #[test]
+    fn an_unsaturated_node_over_its_bound_takes_nothing() {
+        // A node too slow to send fresh reports looks unsaturated while the busy fast
+        // ones report saturation: it must not draw every session. L = 45, W = 4, bound
+        // ⌈1.5 × 46 / 4⌉ = 18: node 3 (42) does not fit; the saturated ones that fit
+        // decide by the ranking, bounded placement alone.
+        let nodes = vec![sat(1), sat(1), sat(1), n(42)];
+        assert_eq!(
+            place(&[3, 0, 1, 2], &nodes, Some(150)).unwrap(),
+            Choice { host: 0, placed: Placed::Bounded, saturated_skips: 0 }
+        );
+        // ...and no pinned session spills onto it.
+        assert_eq!(spill(&[0, 3, 1, 2], &nodes, 0, Some(150)), None);
+        // Within its bound it is preferred over the saturated ones.
+        let nodes = vec![sat(1), sat(1), sat(1), n(2)];
+        assert_eq!(place(&[0, 3, 1, 2], &nodes, Some(150)).unwrap().host, 3);
+        assert_eq!(spill(&[0, 3, 1, 2], &nodes, 0, Some(150)).map(|c| c.host), Some(3));
     }
 
     #[test]

@@ -4,11 +4,10 @@
 //! Invariants: a report never panics; a value it yields is finite and came from a
 //! well-formed `TEXT ` report of at most `MAX_REPORT_BYTES`; a report recorded for a node
 //! makes it saturated exactly when the value reaches the threshold. `place` returns a
-//! host of the ranking, never a draining one while a non-draining one exists, never a
-//! saturated one while an unsaturated candidate exists; a `FirstChoice` is the first
-//! candidate; with a balance factor, the chosen node satisfies the bound unless no
-//! eligible node does (then it is the first eligible); fallbacks never repeat the chosen
-//! node or list a draining one.
+//! host of the ranking, never a draining one while a non-draining one exists: the first
+//! candidate that fits the bound (over every candidate) and is not saturated, else the
+//! first that fits, else the first candidate; a `FirstChoice` is the first candidate;
+//! fallbacks never repeat the chosen node or list a draining one.
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -79,25 +78,22 @@ fuzz_target!(|data: &[u8]| {
         assert!(!v.draining);
     }
     let candidate = |i: usize| !any_live || !nodes[i].draining;
-    let any_unsat = ranking.iter().any(|&i| candidate(i) && !nodes[i].saturated);
-    if any_unsat {
-        assert!(!v.saturated);
-    }
     let first_candidate = *ranking.iter().find(|&&i| candidate(i)).unwrap();
     assert_eq!(choice.placed == Placed::FirstChoice, choice.host == first_candidate);
-    let eligible: Vec<usize> =
-        ranking.iter().copied().filter(|&i| candidate(i) && (!any_unsat || !nodes[i].saturated)).collect();
-    if let Some(c) = c {
-        let total_load: u64 = eligible.iter().map(|&i| u64::from(nodes[i].load)).sum();
-        let total_weight: u64 = eligible.iter().map(|&i| u64::from(nodes[i].weight)).sum();
-        let fits = |i: usize| u64::from(nodes[i].load) < placement::bound(c, total_load, nodes[i].weight, total_weight);
-        match eligible.iter().position(|&i| fits(i)) {
-            Some(p) => assert_eq!(choice.host, eligible[p]),
-            None => assert_eq!(choice.host, eligible[0]),
-        }
-    } else {
-        assert_eq!(choice.host, eligible[0]);
-    }
+    // The bound is over every candidate, saturated or not.
+    let candidates: Vec<usize> = ranking.iter().copied().filter(|&i| candidate(i)).collect();
+    let total_load: u64 = candidates.iter().map(|&i| u64::from(nodes[i].load)).sum();
+    let total_weight: u64 = candidates.iter().map(|&i| u64::from(nodes[i].weight)).sum();
+    let fits = |i: usize| {
+        c.is_none_or(|c| u64::from(nodes[i].load) < placement::bound(c, total_load, nodes[i].weight, total_weight))
+    };
+    let want = candidates
+        .iter()
+        .copied()
+        .find(|&i| fits(i) && !nodes[i].saturated)
+        .or_else(|| candidates.iter().copied().find(|&i| fits(i)))
+        .unwrap_or(first_candidate);
+    assert_eq!(choice.host, want);
     let mut out = Vec::new();
     placement::fallbacks(&ranking, &nodes, choice.host, 3, &mut out);
     assert!(!out.contains(&choice.host) && out.iter().all(|&i| !nodes[i].draining) && out.len() <= 3);

@@ -6,6 +6,9 @@ their HTTP filters and the upstream cluster's load-balancing policy:
 
     A    router only (round robin over one endpoint)
     B    noop-filter (reads one header, sets one) + router
+    A8   no filter, the same override_host cluster of 3 hosts as C, the override header set
+         natively by the route (`request_headers_to_add`): the price of Envoy's override_host
+         routing itself, which C and B8 pay and A and B do not
     B8   noop-filter "hostcalls": the host calls session-affinity makes, with the values
          it sets, nothing else; same override_host cluster as C
     C    session-affinity, 3 static hosts + override_host policy
@@ -172,15 +175,20 @@ def _route(cluster_name: str, hash_policy: list | None = None) -> dict:
 
 
 def arm(kind: str, *, listen: int, admin: int, hosts: list[str], noop_wasm: str, sa_wasm: str, token_key_b64: str,
-        ticket_key_b64: str, jwks_k: str, hostcalls: str = "hostcalls", noop: str = "noop") -> dict:
+        ticket_key_b64: str, jwks_k: str, hostcalls: str = "hostcalls", noop: str = "noop",
+        override: str = "") -> dict:
     """One arm of the per-request benchmark. `hosts` are the upstream addresses (one for
     A/B, three for B8/C/D/E, a thousand for C1k). `hostcalls` is B8's plugin
     configuration (`hostcalls|<override>|<session>`); `noop` B's (`repeat|<call>|<n>` for
-    the per-call costs)."""
+    the per-call costs); `override` the list A8's route sets."""
     filters: list = []
     route = _route("upstream")
     up = cluster("upstream", hosts)
-    if kind == "B":
+    if kind == "A8":
+        route["request_headers_to_add"] = [{"header": {"key": "x-gateway-destination-endpoint", "value": override},
+                                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+        up = cluster("upstream", hosts, override_header="x-gateway-destination-endpoint")
+    elif kind == "B":
         filters = [wasm("noop", noop_wasm, noop)]
     elif kind == "B8":
         filters = [wasm("noop", noop_wasm, hostcalls)]
@@ -223,7 +231,7 @@ def arm(kind: str, *, listen: int, admin: int, hosts: list[str], noop_wasm: str,
                 },
             },
         }]
-    elif kind != "A":
+    elif kind not in ("A", "A8"):
         raise ValueError(kind)
     return {
         "admin": _admin(admin),

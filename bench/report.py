@@ -20,6 +20,7 @@ ARM_LABEL = {
     "C1k": "C1k: session-affinity, 1000 hosts",
     "D": "D: jwt_authn HS256 + hash_policy + RING_HASH",
     "E": "E: stateful_session (header)",
+    "A8": "A8: no filter, override_host (header set by the route)",
     "B8": "B8: no-op + session-affinity's host calls",
     "Cm": "Cm: session-affinity, 3 hosts, 4096 sessions in turn",
     "Cp": "Cp: session-affinity with placement on",
@@ -53,7 +54,8 @@ every spoofed spelling), set three headers (override list, `x-session-id`,
 `x-session-affinity`), and read the response head (`:status` for errors, and
 `x-envoy-attempt-count`: when the first attempt answered, the primary served and
 `upstream.address` is not asked for). That is 5 host calls against the no-op filter's 2,
-at 0.5 to 1.5 µs each through V8 and Envoy (section 1, "One host call"). With arm B at
+at 0.5 to 1.5 µs each through V8 and Envoy (section 1, "One host call"), and Envoy's own
+`override_host` routing, which B does not use ({oh}). With arm B at
 about {cB:.0f} µs of CPU per request, C/B ≥ 0.92 leaves {budget:.1f} µs for everything the filter
 does beyond B. Arm D runs in native C++ without the Wasm ABI at all (B − A alone is about
 {abi:.0f} µs per request). The filter avoids the avoidable calls: one header-map read
@@ -232,7 +234,9 @@ def markdown(r: dict) -> str:
     tp0 = (r.get("throughput") or {}).get("arms", {})
     if "A" in tp0 and "B" in tp0:
         cA0, cB0 = cost_us(tp0["A"]), cost_us(tp0["B"])
-        L.append(LIMITS.format(cB=cB0, budget=cB0 / 0.92 - cB0, abi=cB0 - cA0))
+        oh = (f"A8 − A: {cost_us(tp0['A8']) - cA0:.1f} µs per request in this run, with no wasm at all"
+              if "A8" in tp0 else "arm A8 measures it")
+        L.append(LIMITS.format(cB=cB0, budget=cB0 / 0.92 - cB0, abi=cB0 - cA0, oh=oh))
         L.append("")
 
     tp = r.get("throughput")
@@ -413,13 +417,21 @@ def analysis(r: dict) -> list[str]:
     L.append(f"- **The wasm ABI floor** (B − A): {cB - cA:.1f} µs per request: a VM entry per callback "
              "(context create, request headers, response headers, response body, log, done, delete) and B's two host "
              "calls. session-affinity pays it too; it is what C/B does not count.")
+    if "A8" in tp:
+        cA8 = cost_us(tp["A8"])
+        L.append(f"- **Envoy's override_host routing** (A8 − A): {cA8 - cA:.1f} µs. A8 is arm A behind C's "
+                 "`override_host` cluster of 3 hosts, the override list set natively by the route: Envoy reads and "
+                 "parses the header and looks the host up instead of round robin over one. C and B8 pay it, A and "
+                 "B do not, so it counts against C/B although no wasm runs in it.")
     if "B8" in tp:
         cB8 = cost_us(tp["B8"])
         L.append(f"- **Host calls and override_host routing** (B8 − B): {cB8 - cB:.1f} µs. B8 is the no-op "
                  "filter making exactly session-affinity's host calls on a sticky request, setting the same header "
                  "values, behind the same `override_host` cluster of 3 hosts, and nothing else (table below): "
                  f"{sum(x[2] for x in HOST_CALLS)} host calls instead of 2, three of which return a buffer (the host calls back into the VM to allocate "
-                 "it), and Envoy parses the override list and picks that host instead of round robin over one.")
+                 "it), and Envoy parses the override list and picks that host instead of round robin over one."
+                 + (f" Without the override_host routing (B8 − B − (A8 − A)), the host calls alone: "
+                    f"{cB8 - cB - (cA8 - cA):.1f} µs." if "A8" in tp else ""))
         L.append(f"- **Logic inside the VM** (C − B8): {cC - cB8:.1f} µs: header-map parsing, the token and ticket "
                  "(memo hit here: a hash and a comparison each), ranking, building the header values, the "
                  "response-side bookkeeping, allocations.")
@@ -514,7 +526,7 @@ def chart(r: dict) -> str:
         parts.append(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{stroke}" '
                      f'stroke-width="{width}"{d}/>')
 
-    colors = {"A": "#9e9e9e", "B": "#607d8b", "B8": "#90a4ae", "C": "#1e88e5", "C1k": "#64b5f6", "D": "#ef6c00",
+    colors = {"A": "#9e9e9e", "B": "#607d8b", "A8": "#bdbdbd", "B8": "#90a4ae", "C": "#1e88e5", "C1k": "#64b5f6", "D": "#ef6c00",
               "E": "#8e24aa", "Cm": "#1565c0", "Cp": "#26a69a"}
     title = "session-affinity benchmarks" + (" (quick run)" if r.get("quick") else "")
     text(20, 28, title, 18, weight="bold")

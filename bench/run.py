@@ -49,10 +49,11 @@ MICRO = ROOT / "target" / "release" / "bench-micro"
 OPENLOOP = ROOT / "target" / "release" / "openloop"
 MICRO_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bench-micro.wasm"
 
-# The arms of the per-request benchmark, in the order they alternate. B8 and Cm are for
-# the analysis: B plus exactly session-affinity's host calls; C with 4096 sessions in
-# turn (more than the filter's per-VM memo of checked tokens holds).
-ARMS = ["A", "B", "C", "C1k", "D", "E", "B8", "Cm", "Cp"]
+# The arms of the per-request benchmark, in the order they alternate. A8, B8 and Cm are
+# for the analysis: A behind C's override_host cluster (the header set by the route); B
+# plus exactly session-affinity's host calls; C with 4096 sessions in turn (more than the
+# filter's per-VM memo of checked tokens holds).
+ARMS = ["A", "B", "C", "C1k", "D", "E", "A8", "B8", "Cm", "Cp"]
 CM_SESSIONS = 4096
 # Calls per request in the host-call cost arms.
 REPEAT = 16
@@ -228,7 +229,7 @@ class Bench:
             cfg = ec.arm("C" if kind == "Cm" else kind, listen=harness.free_port(), admin=harness.free_port(),
                          hosts=self.arm_hosts(kind), noop_wasm=str(NOOP_WASM), sa_wasm=str(SA_WASM),
                          token_key_b64=harness.TOKEN_KEY_B64, ticket_key_b64=harness.TICKET_KEY_B64, jwks_k=jwks_k,
-                         hostcalls=f"hostcalls|{','.join(want)}|{SESSION}")
+                         hostcalls=f"hostcalls|{','.join(want)}|{SESSION}", override=",".join(want))
             self.arms[kind] = start_envoy(f"arm-{kind}", cfg, self.workdir, pin=SUT_CPU)
         for p in self.arms.values():
             p.wait_ready()
@@ -291,6 +292,13 @@ class Bench:
             r = self.get("B", hdrs)
             expect(r.status == 200 and r.header("x-echo-noop") == "1", "B", "the backend must see x-noop: 1", r)
             checks["B"] = "200; the backend saw the header the filter set (x-noop: 1)"
+        if "A8" in self.arms:
+            want = harness.rank(SESSION, [(h, 1) for h in self.arm_hosts("A8")])[:3]
+            r = self.get("A8", hdrs)
+            expect(r.status == 200 and r.header("x-served-by") == want[0]
+                   and r.header("x-echo-override") == ",".join(want), "A8",
+                   f"the route's override header must send it to {want[0]}", r)
+            checks["A8"] = f"200 from {want[0]} through override_host, the header set by the route"
         if "B8" in self.arms:
             want = harness.rank(SESSION, [(h, 1) for h in self.arm_hosts("B8")])[:3]
             r = self.get("B8", hdrs)
@@ -424,8 +432,8 @@ end
                    "requests": sum(r["requests"] for r in v)} for k, v in runs.items()}
         ratios = {}
         for num, den in (("C", "A"), ("C", "B"), ("C", "D"), ("C", "E"), ("C1k", "C"), ("B", "A"), ("D", "A"),
-                         ("E", "A"), ("B8", "B"), ("C", "B8"), ("Cm", "B"), ("Cm", "C"), ("Cp", "C"), ("Cp", "B"),
-                         ("Cp", "D")):
+                         ("E", "A"), ("A8", "A"), ("B8", "B"), ("C", "B8"), ("Cm", "B"), ("Cm", "C"), ("Cp", "C"),
+                         ("Cp", "B"), ("Cp", "D")):
             if num in runs and den in runs:
                 # Per-run ratios: each pair ran back to back, so drift cancels.
                 ratios[f"{num}/{den}"] = summary([a["rps"] / b["rps"] for a, b in zip(runs[num], runs[den])])

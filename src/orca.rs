@@ -60,13 +60,17 @@ fn trim(b: &[u8]) -> &[u8] {
     b.get(start..end).unwrap_or_default()
 }
 
-/// A finite decimal number (`0.42`, `3`, `1e-3`, `-0`); nothing else (`nan`, `inf`,
-/// hex, empty).
+/// A finite number in JSON's grammar (`0.42`, `3`, `1e-3`, `-0`, what vLLM writes);
+/// nothing else (`nan`, `inf`, hex, `+1`, `.5`, empty, out of range).
+///
+/// serde_json's number parser, already in the module for the configuration, instead of
+/// `str::parse::<f64>`: that one links core's exact decimal-to-float tables (~15 KB of the
+/// `.wasm`), a precision a threshold comparison does not need.
 fn parse_number(b: &[u8]) -> Option<f64> {
     if b.is_empty() || b.len() > 32 || !b.iter().all(|c| c.is_ascii_digit() || b"+-.eE".contains(c)) {
         return None;
     }
-    let v: f64 = std::str::from_utf8(b).ok()?.parse().ok()?;
+    let v: f64 = serde_json::from_slice(b).ok()?;
     v.is_finite().then_some(v)
 }
 
@@ -88,6 +92,9 @@ mod tests {
             ("TEXT named_metrics.num_requests_waiting=3,named_metrics.kv_cache_usage_perc=1", KV, Some(1.0)),
             ("TEXT cpu_utilization=0.5, named_metrics.kv_cache_usage_perc=1e-2", KV, Some(0.01)),
             ("TEXT  named_metrics.kv_cache_usage_perc = 0.9 ", KV, Some(0.9)),
+            ("TEXT named_metrics.kv_cache_usage_perc=1e-05", KV, Some(1e-5)),
+            ("TEXT named_metrics.kv_cache_usage_perc=-0", KV, Some(0.0)),
+            ("TEXT named_metrics.num_requests_waiting=12.0", "num_requests_waiting", Some(12.0)),
             ("TEXT named_metrics.other=0.9", KV, None),
             ("TEXT kv_cache_usage_perc=0.9", KV, None),
         ] {
@@ -112,6 +119,12 @@ mod tests {
             "TEXT named_metrics.kv_cache_usage_perc=inf",
             "TEXT named_metrics.kv_cache_usage_perc=1e999",
             "TEXT named_metrics.kv_cache_usage_perc=0x1",
+            "TEXT named_metrics.kv_cache_usage_perc=+1",
+            "TEXT named_metrics.kv_cache_usage_perc=.5",
+            "TEXT named_metrics.kv_cache_usage_perc=5.",
+            "TEXT named_metrics.kv_cache_usage_perc=1e",
+            "TEXT named_metrics.kv_cache_usage_perc=0.5e-3.1",
+            "TEXT named_metrics.kv_cache_usage_perc=--1",
             "TEXT named_metrics.kv_cache_usage_perc=0.5, =1",
             "TEXT named_metrics.kv_cache_usage_perc=0.5,, b=1",
             "TEXT named_metrics.kv_cache_usage_perc=0.5, named_metrics.kv_cache_usage_perc=0.1",

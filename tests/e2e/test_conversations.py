@@ -159,6 +159,16 @@ def test_killed_chat_node_loses_no_turn(full_stack):
     # Envoy onto their fallback node (more at once than Envoy's default of 3 concurrent
     # retries, hence circuit_breakers.max_retries in envoy.yaml), and the rest were
     # routed by the filter as `moved`.
+    # The filter's counters are flushed on each VM's timer: wait for the moves to show
+    # (the assertion below still names the split if they never add up).
+    def moves_counted() -> bool:
+        got = stack.envoy.stats()
+        return got.get("served.fallback", 0) + got.get("outcome.moved", 0) >= len(moved)
+
+    try:
+        harness.wait_for(moves_counted, 15, "the filter's stats to count every moved conversation")
+    except harness.HarnessError:
+        pass
     stats = stack.envoy.stats()
     retried, moved_outcome = stats.get("served.fallback", 0), stats.get("outcome.moved", 0)
     overflow = stack.envoy.admin("/stats?filter=^cluster\\.chat_nodes\\.upstream_rq_retry_overflow$")

@@ -22,17 +22,13 @@ Every process this script starts is stopped when it ends, on error too.
 from __future__ import annotations
 
 import argparse
-import datetime
 import http.client
 import json
 import math
-import os
-import platform
 import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -554,28 +550,7 @@ def run_arm(arm: Arm, convs: list[ConvSpec], w: dict, e: dict, workdir: Path, de
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-
-    def out(cmd: list[str]) -> str:
-        try:
-            r = subprocess.run(cmd, text=True, capture_output=True, cwd=ROOT)
-            return (r.stdout + r.stderr).strip()
-        except OSError:
-            return "unavailable"
-
-    envoy_v = out([str(h.ENVOY_BIN), "--version"])
-    m = re.search(r"version: (\S+)", envoy_v)
-    dirty = out(["git", "status", "--porcelain", "--", "src", "chat-node", "Cargo.toml", "Cargo.lock"])
-    return {
-        "cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(),
-        "envoy": m[1] if m else envoy_v, "git": out(["git", "rev-parse", "--short", "HEAD"]) + (" (modified)" if dirty else ""),
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
+    return h.machine_facts(["src", "chat-node", "Cargo.toml", "Cargo.lock"])
 
 
 def main() -> int:

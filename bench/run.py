@@ -20,11 +20,9 @@ import argparse
 import atexit
 import base64
 import concurrent.futures
-import datetime
 import http.client
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -147,43 +145,24 @@ def build() -> None:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
     mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1])
     os_name = "unknown"
     if Path("/etc/os-release").exists():
         m = re.search(r'PRETTY_NAME="([^"]+)"', Path("/etc/os-release").read_text())
         os_name = m[1] if m else os_name
-
-    def out(cmd: list[str]) -> str:
-        try:
-            r = subprocess.run(cmd, text=True, capture_output=True, cwd=ROOT)
-            return (r.stdout + r.stderr).strip()
-        except OSError:
-            return "unavailable"
-
-    envoy_v = out([str(ENVOY), "--version"])
-    m = re.search(r"version: (\S+)", envoy_v)
-    commit = out(["git", "rev-parse", "--short", "HEAD"])
-    dirty = out(["git", "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"])
+    out = harness.command_output
+    facts = harness.machine_facts(["src", "Cargo.toml", "Cargo.lock"], " (src/ modified)")
+    facts.pop("python")
     return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
+        **facts,
         "memory_gib": round(mem_kb / 1024 / 1024, 1),
-        "kernel": platform.release(),
         "os": os_name,
-        "envoy": m[1] if m else envoy_v,
         "wrk": out(["wrk", "-v"]).splitlines()[0] if shutil.which("wrk") else "missing",
         "h2load": out(["h2load", "--version"]).splitlines()[0] if shutil.which("h2load") else "missing",
         "rustc": out(["rustc", "--version"]),
-        "git": commit + (" (src/ modified)" if dirty else ""),
         "pinning": f"Envoy under test: `{' '.join(SUT_CPU)}`; backend and load generator: `{' '.join(LOAD_CPU)}`"
         if SUT_CPU else "none (fewer than 2 CPUs or no taskset)",
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 

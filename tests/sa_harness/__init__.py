@@ -28,6 +28,7 @@ from .envoy import (STAT_PREFIX, UNHEALTHY_FLAGS, Envoy, absolute_wasm_paths, ac
                     filter_json, harness_config, host_address, host_is_healthy, http_filters, load_yaml, parse_stats,
                     reference_config, set_filter_json, static_plugin, wasm_failures, wasm_filter, without_placement, write_eds)
 from .figures import figures, per_node, percentile, percentiles
+from .machine import command_output, machine_facts
 from .independent import (b64url, decode_jwt_payload, fmix64, h64, metric_label, node_id, rank, session_token,
                           sign_jwt, verify_jwt)
 from .paths import (CHAT_NODE_BIN, ENVOY_BIN, REFERENCE_YAML, ROOT, RUN_DIR, TICKET_KEY_B64, TOKEN_KEY_B64, TRAP_WASM,
@@ -39,6 +40,8 @@ from .redis_cluster import RedisCluster, RedisNode, redis_cluster_flags, resp_co
 from .stack import ChatNode, Conversation, Ports, Stack, Turn, envoy_config_for, history_digest, run_turns
 
 __all__ = [
+    "command_output",
+    "machine_facts",
     "Backend",
     "FakeAdmin",
     "Response",
